@@ -57,6 +57,7 @@ impl<'a> VipReport<'a> {
             "address": self.vip.address.to_string(),
             "protocol": self.vip.protocol.to_string(),
             "port": self.vip.port.to_string(),
+            "encap": self.vip.encap.to_string(),
             "table_size": self.table.size(),
             "fingerprint": format!("{:#018x}", self.table.fingerprint()),
             "max_over_min": self.max_over_min(),
@@ -68,7 +69,7 @@ impl<'a> VipReport<'a> {
         let vip = self.vip;
         writeln!(
             out,
-            "VIP {} {} {}/{} encap {:?}, table size {}, fingerprint {:#018x}",
+            "VIP {} {} {}/{} encap {}, table size {}, fingerprint {:#018x}",
             vip.name,
             vip.address,
             vip.protocol,

@@ -157,6 +157,15 @@ pub enum Encap {
     Gre,
 }
 
+impl fmt::Display for Encap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Ipip => "ipip",
+            Self::Gre => "gre",
+        })
+    }
+}
+
 /// A VIP's port: one port, or all ports of the protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PortSpec {

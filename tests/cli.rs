@@ -1,0 +1,443 @@
+//! The `lb` command line as an operator uses it: the real binary, real files, exit codes.
+//!
+//! Covers `check-config` (every example config is valid; bad configs name file, field and
+//! reason; nothing panics), `table` and `table diff` (figures add up, the fleet fingerprint is
+//! pinned, backend order does not matter) and the shape of `bench table --json`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn lb(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(args)
+        .output()
+        .expect("the lb binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a clean failure: exit code 1 (not a panic's 101), no panic message.
+fn assert_clean_failure(o: &Output) {
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "stdout: {}\nstderr: {}",
+        stdout(o),
+        stderr(o)
+    );
+    assert!(!stderr(o).contains("panicked"), "{}", stderr(o));
+}
+
+fn example_configs() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> =
+        fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("config"))
+            .expect("config/ exists")
+            .map(|e| e.expect("readable entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+    files.sort();
+    files
+}
+
+fn config_path(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Writes `text` to a file in a fresh temporary directory.
+fn temp_config(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let path = dir.path().join(name);
+    fs::write(&path, text).expect("temp dir is writable");
+    path.to_string_lossy().into_owned()
+}
+
+fn json(o: &Output) -> Value {
+    assert!(
+        o.status.success(),
+        "stdout: {}\nstderr: {}",
+        stdout(o),
+        stderr(o)
+    );
+    serde_json::from_slice(&o.stdout).expect("valid JSON")
+}
+
+#[test]
+fn every_example_config_is_valid() {
+    let files = example_configs();
+    assert!(
+        files.len() >= 3,
+        "expected the example configs in config/, found {files:?}"
+    );
+    for file in &files {
+        lb_core::config::Config::load(file).unwrap_or_else(|e| panic!("{e}"));
+        let o = lb(&["check-config", &file.to_string_lossy()]);
+        assert!(o.status.success(), "{}: {}", file.display(), stdout(&o));
+        assert!(stdout(&o).trim_end().ends_with(": ok"), "{}", stdout(&o));
+    }
+}
+
+#[test]
+fn check_config_names_file_field_and_reason_for_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = fs::read_to_string(config_path("lab-fleet.toml")).unwrap();
+    let bad = text
+        .replacen("table_size = 65537", "table_size = 65536", 1)
+        .replacen("port = 7", "port = 80\nprotocol_note = 1", 0)
+        .replacen("address = \"198.18.22.2\"", "address = \"2001:db8::22\"", 1)
+        + "\n[[vip]]\nname = \"web-again\"\naddress = \"198.18.100.1\"\nprotocol = \"tcp\"\nport = \"all\"\nencap = \"gre\"\n";
+    let path = temp_config(&dir, "bad.toml", &bad);
+    let o = lb(&["check-config", &path]);
+    assert_clean_failure(&o);
+    let out = stdout(&o);
+    for expected in [
+        format!("{path}: vip[0].table_size: 65536 is not prime"),
+        format!(
+            "{path}: vip[0].backend[1].address: backend 2001:db8::22 is IPv6 but node.address_v6 is not set"
+        ),
+        format!("{path}: vip[2]: duplicate VIP: 198.18.100.1 tcp port all overlaps vip[0]"),
+    ] {
+        assert!(out.contains(&expected), "missing {expected:?} in:\n{out}");
+    }
+    assert_eq!(out.lines().count(), 3, "{out}");
+
+    let unknown = temp_config(
+        &dir,
+        "unknown.toml",
+        &text.replacen("mtu = 1600", "mtu = 1600\nmut = 1500", 1),
+    );
+    let o = lb(&["check-config", &unknown]);
+    assert_clean_failure(&o);
+    assert!(
+        stdout(&o).contains(&format!("{unknown}: node.mut: unknown field `mut`")),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn check_config_checks_every_file_and_fails_if_any_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = temp_config(&dir, "empty.toml", "");
+    let good = config_path("weighted.toml");
+    let o = lb(&["check-config", &good, &bad]);
+    assert_clean_failure(&o);
+    assert!(stdout(&o).contains(&format!("{good}: ok")));
+    assert!(
+        stdout(&o).contains(&format!("{bad}: missing field `node`")),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn malformed_input_gives_a_clear_error_never_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        (
+            temp_config(&dir, "binary.toml", "\u{0}\u{1}\u{2}\u{ff}garbage"),
+            "line 1",
+        ),
+        (
+            temp_config(
+                &dir,
+                "huge.toml",
+                "[node]\naddress_v4 = \"1.2.3.4\"\nmtu = 99999999999999999999",
+            ),
+            "node.mtu",
+        ),
+        (
+            temp_config(&dir, "type.toml", "[node]\naddress_v4 = 5"),
+            "node.address_v4",
+        ),
+        (
+            temp_config(
+                &dir,
+                "vip.toml",
+                "[node]\naddress_v4 = \"1.2.3.4\"\nvip = 3",
+            ),
+            "vip",
+        ),
+        (
+            dir.path()
+                .join("missing.toml")
+                .to_string_lossy()
+                .into_owned(),
+            "cannot read the file",
+        ),
+        (
+            dir.path().to_string_lossy().into_owned(),
+            "cannot read the file",
+        ),
+    ];
+    for (path, expected) in &cases {
+        let o = lb(&["check-config", path]);
+        assert_clean_failure(&o);
+        assert!(stdout(&o).contains(expected), "{path}: {}", stdout(&o));
+        for args in [
+            vec!["table", path.as_str()],
+            vec!["table", "diff", path.as_str(), path.as_str()],
+        ] {
+            let o = lb(&args);
+            assert_clean_failure(&o);
+            assert!(stderr(&o).contains(expected), "{args:?}: {}", stderr(&o));
+        }
+    }
+}
+
+#[test]
+fn table_json_accounts_for_every_slot() {
+    let out = json(&lb(&["table", &config_path("single-node.toml"), "--json"]));
+    let vips = out["vips"].as_array().unwrap();
+    assert_eq!(vips.len(), 3);
+    for vip in vips {
+        let size = vip["table_size"].as_u64().unwrap();
+        let backends = vip["backends"].as_array().unwrap();
+        let slots: u64 = backends.iter().map(|b| b["slots"].as_u64().unwrap()).sum();
+        let share: f64 = backends.iter().map(|b| b["share"].as_f64().unwrap()).sum();
+        assert_eq!(slots, size, "{vip}");
+        assert!((share - 1.0).abs() < 1e-9);
+        // Equal weights: every backend gets floor or ceil of M/N.
+        let n = backends.len() as u64;
+        assert!(
+            backends
+                .iter()
+                .all(|b| [size / n, size.div_ceil(n)].contains(&b["slots"].as_u64().unwrap()))
+        );
+        assert!(vip["max_over_min"].as_f64().unwrap() < 1.001);
+        assert_eq!(vip["fingerprint"].as_str().unwrap().len(), 18);
+    }
+}
+
+#[test]
+fn weights_and_drain_show_in_the_table() {
+    let out = json(&lb(&["table", &config_path("weighted.toml"), "--json"]));
+    let backends = out["vips"][0]["backends"].as_array().unwrap();
+    let slots: Vec<u64> = backends
+        .iter()
+        .map(|b| b["slots"].as_u64().unwrap())
+        .collect();
+    assert_eq!(slots[3], 0, "weight 0 gets no slots: {slots:?}");
+    let ratio = slots[2] as f64 / slots[0] as f64;
+    assert!((ratio - 2.0).abs() < 0.01, "weight 2 vs 1: {slots:?}");
+    let text = stdout(&lb(&["table", &config_path("weighted.toml")]));
+    assert!(
+        text.contains("be4") && text.contains("balance: max/min slots per unit of weight = 1.0"),
+        "{text}"
+    );
+}
+
+/// Every mux loads the lab fleet's VIPs; this pins what they build. If it changes, a fleet
+/// running two versions of lb sends the same flow to different backends.
+#[test]
+fn lab_fleet_fingerprint_is_pinned() {
+    let out = json(&lb(&[
+        "table",
+        &config_path("lab-fleet.toml"),
+        "--vip",
+        "web",
+        "--json",
+    ]));
+    assert_eq!(out["vips"].as_array().unwrap().len(), 1);
+    assert_eq!(out["vips"][0]["fingerprint"], "0x93ecc0b088883f21");
+}
+
+#[test]
+fn backend_order_and_node_settings_do_not_change_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = fs::read_to_string(config_path("lab-fleet.toml")).unwrap();
+    // Another mux of the fleet: other node settings, backends of "web" listed in reverse.
+    let reordered = text
+        .replacen("name = \"mux1\"", "name = \"mux2\"", 1)
+        .replacen("198.18.11.2", "198.18.12.2", 1)
+        .replacen(
+            "198.18.21.2\"\n  name = \"be1\"",
+            "TMP\"\n  name = \"TMP\"",
+            1,
+        )
+        .replacen(
+            "198.18.23.2\"\n  name = \"be3\"",
+            "198.18.21.2\"\n  name = \"be1\"",
+            1,
+        )
+        .replacen(
+            "TMP\"\n  name = \"TMP\"",
+            "198.18.23.2\"\n  name = \"be3\"",
+            1,
+        );
+    assert_ne!(reordered, text);
+    let path = temp_config(&dir, "mux2.toml", &reordered);
+    let a = json(&lb(&["table", &config_path("lab-fleet.toml"), "--json"]));
+    let b = json(&lb(&["table", &path, "--json"]));
+    for i in 0..2 {
+        assert_eq!(a["vips"][i]["fingerprint"], b["vips"][i]["fingerprint"]);
+    }
+    let diff = json(&lb(&[
+        "table",
+        "diff",
+        &config_path("lab-fleet.toml"),
+        &path,
+        "--json",
+    ]));
+    assert!(
+        diff["vips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["moved_fraction"] == 0.0)
+    );
+}
+
+#[test]
+fn table_selects_a_vip_and_rejects_an_unknown_one() {
+    let o = lb(&["table", &config_path("single-node.toml"), "--vip", "dns"]);
+    assert!(o.status.success());
+    assert!(
+        stdout(&o).starts_with("VIP dns 198.18.100.2 udp/all encap gre"),
+        "{}",
+        stdout(&o)
+    );
+    let o = lb(&["table", &config_path("single-node.toml"), "--vip", "nope"]);
+    assert_clean_failure(&o);
+    assert!(
+        stderr(&o).contains("no VIP named \"nope\"; the config has: web, dns, web6"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn diff_of_removing_a_backend_moves_its_flows_and_little_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = fs::read_to_string(config_path("lab-fleet.toml")).unwrap();
+    let without_be3 = text.replacen(
+        "\n  [[vip.backend]]\n  address = \"198.18.23.2\"\n  name = \"be3\"\n",
+        "\n",
+        1,
+    );
+    assert_ne!(without_be3, text);
+    let path = temp_config(&dir, "without-be3.toml", &without_be3);
+    let out = json(&lb(&[
+        "table",
+        "diff",
+        &config_path("lab-fleet.toml"),
+        &path,
+        "--json",
+    ]));
+    let vips = out["vips"].as_array().unwrap();
+    let echo = vips.iter().find(|v| v["name"] == "echo").unwrap();
+    assert_eq!(echo["moved_fraction"], 0.0);
+    assert_eq!(echo["changed_slots"], 0);
+    let web = vips.iter().find(|v| v["name"] == "web").unwrap();
+    let be3 = web["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == "198.18.23.2")
+        .unwrap();
+    let moved = web["moved_fraction"].as_f64().unwrap();
+    // All of be3's flows move; Maglev is near-minimal, so a few others move between be1 and be2.
+    let be3_share = be3["old_share"].as_f64().unwrap();
+    assert_eq!(be3["new_share"], 0.0);
+    assert!((be3["lost"].as_f64().unwrap() - be3_share).abs() < 1e-12);
+    assert!(moved >= be3_share && moved < be3_share + 0.01, "{web}");
+    assert_eq!(web["changed_slots"].as_u64().unwrap(), 21880);
+    let text = stdout(&lb(&[
+        "table",
+        "diff",
+        &config_path("lab-fleet.toml"),
+        &path,
+    ]));
+    assert!(
+        text.contains("VIP web (changed): 33.386 % of new flows move (21880 of 65537 slots)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("VIP echo (changed): 0.000 % of new flows move"),
+        "{text}"
+    );
+}
+
+#[test]
+fn diff_reports_added_removed_and_resized_vips() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = fs::read_to_string(config_path("lab-fleet.toml")).unwrap();
+    let resized = text
+        .replacen("table_size = 65537", "table_size = 655373", 1)
+        .replacen("name = \"echo\"", "name = \"echo2\"", 1);
+    let path = temp_config(&dir, "resized.toml", &resized);
+    let out = json(&lb(&[
+        "table",
+        "diff",
+        &config_path("lab-fleet.toml"),
+        &path,
+        "--json",
+    ]));
+    let by_name = |n: &str| {
+        out["vips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_name("echo")["status"], "removed");
+    assert_eq!(by_name("echo")["moved_fraction"], 1.0);
+    assert_eq!(by_name("echo2")["status"], "added");
+    let web = by_name("web");
+    assert_eq!(web["changed_slots"], Value::Null);
+    let moved = web["moved_fraction"].as_f64().unwrap();
+    assert!(
+        moved > 0.5 && moved < 0.8,
+        "a new table size reshuffles most flows: {moved}"
+    );
+}
+
+#[test]
+fn bench_table_quick_json_has_the_documented_fields() {
+    let o = lb(&["bench", "table", "--quick", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let (summary, cases) = lines.split_last().unwrap();
+    assert_eq!(
+        cases.len(),
+        12,
+        "2 implementations x 2 sizes x 3 backend counts"
+    );
+    for case in cases {
+        for field in [
+            "impl",
+            "m",
+            "n",
+            "build_ms_median",
+            "lookup_ns_median",
+            "max_over_min",
+            "disruption_remove_one",
+        ] {
+            assert!(case.get(field).is_some(), "{field} missing in {case}");
+        }
+        assert!(case["build_ms_median"].as_f64().unwrap() > 0.0);
+        if case["impl"] == "lb-core" {
+            let n = case["n"].as_f64().unwrap();
+            let d = case["disruption_remove_one"].as_f64().unwrap();
+            assert!(d >= 1.0 / n - 1e-9 && d < 1.0 / n + 0.011, "{case}");
+        }
+    }
+    let ratio = summary["ratio_build_vs_maglev_hash"].as_f64().unwrap();
+    assert!(ratio.is_finite() && ratio > 0.0, "{summary}");
+}
