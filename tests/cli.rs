@@ -94,7 +94,6 @@ fn check_config_names_file_field_and_reason_for_every_problem() {
     let text = fs::read_to_string(config_path("lab-fleet.toml")).unwrap();
     let bad = text
         .replacen("table_size = 65537", "table_size = 65536", 1)
-        .replacen("port = 7", "port = 80\nprotocol_note = 1", 0)
         .replacen("address = \"198.18.22.2\"", "address = \"2001:db8::22\"", 1)
         + "\n[[vip]]\nname = \"web-again\"\naddress = \"198.18.100.1\"\nprotocol = \"tcp\"\nport = \"all\"\nencap = \"gre\"\n";
     let path = temp_config(&dir, "bad.toml", &bad);
