@@ -479,7 +479,7 @@ pub struct MaglevBuilder {
     slot_values: Vec<u16>,
     /// Weight and accumulator of each cursor (Katran's `MaglevHashV2` rounds).
     weights: Vec<(u32, u32)>,
-    /// `skip⁻¹ mod M` of each cursor, computed when the tail phase starts.
+    /// `skip⁻¹ mod M` of each cursor, computed on its first turn in the tail phase (0: not yet).
     skip_inverses: Vec<u32>,
     /// Filled-slot bitmap (M bits: 8 KiB at M = 65537, within L1).
     filled: Vec<u64>,
@@ -569,7 +569,13 @@ impl MaglevBuilder {
                 let filled = &mut self.filled;
                 // The tail phase keeps its own list of empty slots: once it starts, only it runs.
                 let slot = if remaining <= tail_from {
-                    claim_in_tail(c, self.skip_inverses[k], &mut self.empty_slots, size)
+                    // Only the backends that take a turn in the tail need their inverse: for
+                    // N = 1000 about 128 of them, each an extended Euclid (a chain of divisions).
+                    let inverse = &mut self.skip_inverses[k];
+                    if *inverse == 0 {
+                        *inverse = inverse_mod(c.skip_multiples[0], m);
+                    }
+                    claim_in_tail(c, *inverse, &mut self.empty_slots, size)
                 } else if remaining > m / 2 {
                     claim_by_probing::<1, S>(c, filled, size)
                 } else if remaining > m / 8 {
@@ -591,7 +597,7 @@ impl MaglevBuilder {
         }
     }
 
-    /// Enters the tail phase: lists the empty slots and computes each backend's `skip⁻¹ mod M`.
+    /// Enters the tail phase: lists the empty slots and clears the inverses computed on demand.
     fn start_tail(&mut self, m: u32) {
         self.empty_slots.clear();
         for (w, &word) in self.filled.iter().enumerate() {
@@ -604,12 +610,9 @@ impl MaglevBuilder {
                 free &= free - 1;
             }
         }
+        // 0 is never an inverse: it marks "not computed yet" (see fill).
         self.skip_inverses.clear();
-        self.skip_inverses.extend(
-            self.cursors
-                .iter()
-                .map(|c| inverse_mod(c.skip_multiples[0], m)),
-        );
+        self.skip_inverses.resize(self.cursors.len(), 0);
     }
 }
 
