@@ -77,6 +77,24 @@ impl FlowKey {
         }
     }
 
+    /// The same flow seen from the other end: addresses and ports swapped.
+    ///
+    /// An ICMP error quotes a packet the backend sent (VIP → client); reversed, it is the
+    /// client's flow (client → VIP), which steers the error to the backend of the connection.
+    #[must_use]
+    pub fn reversed(&self) -> Self {
+        let (src, dst) = (self.dst(), self.src());
+        Self::new(src, dst, self.protocol(), self.dst_port(), self.src_port())
+            .expect("both addresses come from one key, so they are of one family")
+    }
+
+    /// This flow without its ports: the 3-tuple used for fragments and port-less protocols.
+    #[must_use]
+    pub fn without_ports(&self) -> Self {
+        Self::new(self.src(), self.dst(), self.protocol(), 0, 0)
+            .expect("both addresses come from one key, so they are of one family")
+    }
+
     /// The hashed bytes (the layout in the module docs).
     #[inline]
     #[must_use]
@@ -228,5 +246,29 @@ mod tests {
             "198.18.1.2:40000 -> 198.18.100.1:80 proto 6"
         );
         assert!(FlowKey::new(web_v4().src(), web_v6().dst(), PROTO_TCP, 1, 2).is_none());
+    }
+
+    #[test]
+    fn reversed_and_without_ports() {
+        for k in [web_v4(), web_v6()] {
+            let r = k.reversed();
+            assert_eq!(
+                (r.src(), r.dst(), r.src_port(), r.dst_port()),
+                (k.dst(), k.src(), k.dst_port(), k.src_port())
+            );
+            assert_eq!(r.reversed(), k);
+            assert_ne!(r.hash(), k.hash());
+            let three = k.without_ports();
+            assert_eq!(
+                (
+                    three.src(),
+                    three.dst(),
+                    three.protocol(),
+                    three.src_port(),
+                    three.dst_port()
+                ),
+                (k.src(), k.dst(), k.protocol(), 0, 0)
+            );
+        }
     }
 }

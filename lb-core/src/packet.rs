@@ -1,0 +1,692 @@
+//! Packet parsing for the forwarding decision: from a received frame to the [`Parsed`] facts the
+//! mux steers by.
+//!
+//! Ethernet (with up to two VLAN tags) is read here; IPv4 (with options), IPv6 (with extension
+//! headers), TCP, UDP, ICMP and ICMPv6 are read with etherparse's zero-copy slices.
+//!
+//! **Invariant.** No input panics: every malformed or truncated frame gives a [`ParseError`], a
+//! small `Copy` value naming the layer, which maps to a drop counter. A frame that is not IP
+//! (ARP, LLDP) is not an error: it is [`Kind::NotIp`], for the host's own stack.
+//!
+//! **Steering facts** ([`Kind`]):
+//! - TCP and UDP (not fragmented): the 5-tuple.
+//! - Fragments, first and later alike: the 3-tuple (ports 0). Later fragments carry no ports, so
+//!   the first one is steered the same way, and every fragment of a datagram reaches the same
+//!   backend, which reassembles it. The cost: a flow that mixes fragmented and whole packets
+//!   can reach two backends. TCP sets DF and does not fragment, so in practice this is UDP.
+//! - ICMP and ICMPv6 errors (destination unreachable, packet too big, time exceeded, parameter
+//!   problem): the 5-tuple of the packet they quote. A VIP receives errors about packets its
+//!   backends sent (VIP → client); the decision steers by that flow reversed, the client's flow,
+//!   so the error reaches the backend that owns the connection (RFC 792, RFC 4443).
+//! - Anything else (ICMP echo, other protocols): the 3-tuple.
+
+use std::net::IpAddr;
+
+use etherparse::{
+    Icmpv4Type, Icmpv6Type, IpNumber, LaxNetSlice, LaxSlicedPacket, NetSlice, SlicedPacket,
+    TransportSlice, err::packet::SliceError,
+};
+
+use crate::flow::FlowKey;
+
+/// What the device hands over: whole Ethernet frames, or bare IP packets (TUN, cooked sockets).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// Ethernet II, optionally with 802.1Q / 802.1ad VLAN tags.
+    Ethernet,
+    /// The frame starts at the IP header.
+    Ip,
+}
+
+/// EtherType of IPv4.
+pub const ETHERTYPE_IPV4: u16 = 0x0800;
+/// EtherType of IPv6.
+pub const ETHERTYPE_IPV6: u16 = 0x86dd;
+const ETHERTYPE_VLAN: u16 = 0x8100;
+const ETHERTYPE_QINQ: u16 = 0x88a8;
+/// IP protocol number of ICMP.
+pub const PROTO_ICMP: u8 = 1;
+/// IP protocol number of ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// The layer at which a frame was found wanting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Layer {
+    /// The Ethernet header or a VLAN tag.
+    Ethernet,
+    /// The IP header (v4 or v6), its options, or its length fields.
+    Ip,
+    /// An IPv6 extension header or an IPv4 authentication header.
+    IpExtension,
+    /// The TCP header.
+    Tcp,
+    /// The UDP header.
+    Udp,
+    /// The ICMP or ICMPv6 header.
+    Icmp,
+    /// The packet quoted inside an ICMP error.
+    IcmpQuote,
+}
+
+/// Why a frame cannot be parsed. Small and `Copy`: the hot path counts it and drops the frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum ParseError {
+    /// The frame ends before a header (or a length field) says it should.
+    #[error("truncated at the {layer:?} layer: {required} bytes needed, {found} present")]
+    Truncated {
+        /// Where.
+        layer: Layer,
+        /// Bytes the layer needs.
+        required: usize,
+        /// Bytes present.
+        found: usize,
+    },
+    /// A header with impossible contents (bad version, header length, or length fields).
+    #[error("malformed {layer:?} header")]
+    Malformed {
+        /// Where.
+        layer: Layer,
+    },
+}
+
+/// What the forwarding decision needs to know about a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parsed<'a> {
+    /// The IP packet, from its header to the end of its IP length. A link-layer header and any
+    /// trailing padding are excluded, so this is exactly what gets encapsulated.
+    pub ip: &'a [u8],
+    /// Where `ip` starts in the frame.
+    pub ip_offset: usize,
+    /// Whether routers may not fragment it: IPv4's DF bit, always true for IPv6.
+    pub dont_fragment: bool,
+    /// What to steer by.
+    pub kind: Kind,
+}
+
+/// The steering facts of a frame (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// An unfragmented TCP or UDP packet.
+    Transport {
+        /// Its 5-tuple.
+        flow: FlowKey,
+        /// TCP SYN without ACK: the first packet of a new connection.
+        syn: bool,
+    },
+    /// A fragment of a datagram (first or later).
+    Fragment {
+        /// Its 3-tuple (ports 0).
+        flow: FlowKey,
+    },
+    /// An ICMP or ICMPv6 error quoting a packet.
+    IcmpError {
+        /// The error's own addresses and protocol (ports 0).
+        flow: FlowKey,
+        /// The quoted packet's 5-tuple, as quoted (ports 0 if it has none).
+        quoted: FlowKey,
+    },
+    /// Any other IP packet (ICMP echo, other protocols).
+    OtherIp {
+        /// Its 3-tuple (ports 0).
+        flow: FlowKey,
+    },
+    /// Not an IP packet (ARP, LLDP…): for the host's stack.
+    NotIp {
+        /// Its EtherType.
+        ethertype: u16,
+    },
+}
+
+impl Kind {
+    /// The flow the frame belongs to, if it is IP.
+    #[must_use]
+    pub fn flow(&self) -> Option<FlowKey> {
+        match *self {
+            Self::Transport { flow, .. }
+            | Self::Fragment { flow }
+            | Self::IcmpError { flow, .. }
+            | Self::OtherIp { flow } => Some(flow),
+            Self::NotIp { .. } => None,
+        }
+    }
+}
+
+/// Parses one frame. Never panics; see the module docs for what each [`Kind`] means.
+pub fn parse(frame: &[u8], link: Link) -> Result<Parsed<'_>, ParseError> {
+    let ip_offset = match link {
+        Link::Ip => 0,
+        Link::Ethernet => match ethernet_payload(frame)? {
+            (offset, ETHERTYPE_IPV4 | ETHERTYPE_IPV6) => offset,
+            (_, ethertype) => {
+                return Ok(Parsed {
+                    ip: &[],
+                    ip_offset: frame.len(),
+                    dont_fragment: false,
+                    kind: Kind::NotIp { ethertype },
+                });
+            }
+        },
+    };
+    let ip = &frame[ip_offset..];
+    let sliced = SlicedPacket::from_ip(ip).map_err(|e| map_slice_error(&e))?;
+    let (ip_len, src, dst, dont_fragment, payload) = match &sliced.net {
+        Some(NetSlice::Ipv4(v4)) => {
+            let h = v4.header();
+            (
+                usize::from(h.total_len()),
+                IpAddr::V4(h.source_addr()),
+                IpAddr::V4(h.destination_addr()),
+                h.dont_fragment(),
+                v4.payload(),
+            )
+        }
+        Some(NetSlice::Ipv6(v6)) => {
+            let h = v6.header();
+            (
+                40 + usize::from(h.payload_length()),
+                IpAddr::V6(h.source_addr()),
+                IpAddr::V6(h.destination_addr()),
+                true,
+                v6.payload(),
+            )
+        }
+        // from_ip only yields IP; anything else is a malformed IP header.
+        _ => return Err(ParseError::Malformed { layer: Layer::Ip }),
+    };
+    let ip = ip.get(..ip_len).ok_or(ParseError::Truncated {
+        layer: Layer::Ip,
+        required: ip_len,
+        found: ip.len(),
+    })?;
+    let protocol = payload.ip_number.0;
+    let three_tuple =
+        FlowKey::new(src, dst, protocol, 0, 0).ok_or(ParseError::Malformed { layer: Layer::Ip })?;
+    let kind = if payload.fragmented {
+        Kind::Fragment { flow: three_tuple }
+    } else {
+        match &sliced.transport {
+            Some(TransportSlice::Tcp(tcp)) => Kind::Transport {
+                flow: FlowKey::new(
+                    src,
+                    dst,
+                    protocol,
+                    tcp.source_port(),
+                    tcp.destination_port(),
+                )
+                .ok_or(ParseError::Malformed { layer: Layer::Ip })?,
+                syn: tcp.syn() && !tcp.ack(),
+            },
+            Some(TransportSlice::Udp(udp)) => Kind::Transport {
+                flow: FlowKey::new(
+                    src,
+                    dst,
+                    protocol,
+                    udp.source_port(),
+                    udp.destination_port(),
+                )
+                .ok_or(ParseError::Malformed { layer: Layer::Ip })?,
+                syn: false,
+            },
+            Some(TransportSlice::Icmpv4(icmp)) => match icmp.icmp_type() {
+                Icmpv4Type::DestinationUnreachable(_)
+                | Icmpv4Type::TimeExceeded(_)
+                | Icmpv4Type::ParameterProblem(_) => Kind::IcmpError {
+                    flow: three_tuple,
+                    quoted: quoted_flow(icmp.payload())?,
+                },
+                _ => Kind::OtherIp { flow: three_tuple },
+            },
+            Some(TransportSlice::Icmpv6(icmp)) => match icmp.icmp_type() {
+                Icmpv6Type::DestinationUnreachable(_)
+                | Icmpv6Type::PacketTooBig { .. }
+                | Icmpv6Type::TimeExceeded(_)
+                | Icmpv6Type::ParameterProblem(_) => Kind::IcmpError {
+                    flow: three_tuple,
+                    quoted: quoted_flow(icmp.payload())?,
+                },
+                _ => Kind::OtherIp { flow: three_tuple },
+            },
+            _ => Kind::OtherIp { flow: three_tuple },
+        }
+    };
+    Ok(Parsed {
+        ip,
+        ip_offset,
+        dont_fragment,
+        kind,
+    })
+}
+
+/// The offset of the Ethernet payload and its EtherType, past up to two VLAN tags.
+fn ethernet_payload(frame: &[u8]) -> Result<(usize, u16), ParseError> {
+    let ethertype_at = |at: usize| {
+        frame
+            .get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .ok_or(ParseError::Truncated {
+                layer: Layer::Ethernet,
+                required: at + 2,
+                found: frame.len(),
+            })
+    };
+    let mut at = 12;
+    for _ in 0..2 {
+        match ethertype_at(at)? {
+            ETHERTYPE_VLAN | ETHERTYPE_QINQ => at += 4,
+            _ => break,
+        }
+    }
+    let ethertype = ethertype_at(at)?;
+    Ok((at + 2, ethertype))
+}
+
+/// The 5-tuple of the packet quoted in an ICMP error: its IP header and at least the first 8
+/// bytes of its payload, which hold the ports of TCP and UDP (RFC 792, RFC 4443).
+fn quoted_flow(quote: &[u8]) -> Result<FlowKey, ParseError> {
+    let malformed = ParseError::Malformed {
+        layer: Layer::IcmpQuote,
+    };
+    let sliced = LaxSlicedPacket::from_ip(quote).map_err(|_| malformed)?;
+    let (src, dst, payload) = match &sliced.net {
+        Some(LaxNetSlice::Ipv4(v4)) => {
+            let h = v4.header();
+            (
+                IpAddr::V4(h.source_addr()),
+                IpAddr::V4(h.destination_addr()),
+                v4.payload(),
+            )
+        }
+        Some(LaxNetSlice::Ipv6(v6)) => {
+            let h = v6.header();
+            (
+                IpAddr::V6(h.source_addr()),
+                IpAddr::V6(h.destination_addr()),
+                v6.payload(),
+            )
+        }
+        _ => return Err(malformed),
+    };
+    let protocol = payload.ip_number;
+    let (src_port, dst_port) = if payload.fragmented {
+        // A quoted fragment: later ones carry no ports, and etherparse's lax slice does not say
+        // which one this is, so every quoted fragment counts as port-less. Rare: it means the
+        // backend's own reply was fragmented.
+        (0, 0)
+    } else if protocol == IpNumber::TCP || protocol == IpNumber::UDP {
+        match payload.payload.get(..4) {
+            Some(p) => (
+                u16::from_be_bytes([p[0], p[1]]),
+                u16::from_be_bytes([p[2], p[3]]),
+            ),
+            None => {
+                return Err(ParseError::Truncated {
+                    layer: Layer::IcmpQuote,
+                    required: 4,
+                    found: payload.payload.len(),
+                });
+            }
+        }
+    } else {
+        (0, 0)
+    };
+    FlowKey::new(src, dst, protocol.0, src_port, dst_port).ok_or(malformed)
+}
+
+/// Maps etherparse's error to the layer it concerns.
+fn map_slice_error(e: &SliceError) -> ParseError {
+    let layer_of = |l: etherparse::err::Layer| {
+        use etherparse::err::Layer as L;
+        match l {
+            L::Ipv6ExtHeader
+            | L::IpAuthHeader
+            | L::Ipv6FragHeader
+            | L::Ipv6HopByHopHeader
+            | L::Ipv6RouteHeader => Layer::IpExtension,
+            L::TcpHeader => Layer::Tcp,
+            L::UdpHeader => Layer::Udp,
+            L::Icmpv4 | L::Icmpv4Timestamp | L::Icmpv4TimestampReply | L::Icmpv6 => Layer::Icmp,
+            _ => Layer::Ip,
+        }
+    };
+    match e {
+        SliceError::Len(len) => ParseError::Truncated {
+            layer: layer_of(len.layer),
+            required: len.required_len,
+            found: len.len,
+        },
+        SliceError::Ipv4Exts(_) | SliceError::Ipv6Exts(_) => ParseError::Malformed {
+            layer: Layer::IpExtension,
+        },
+        SliceError::Tcp(_) => ParseError::Malformed { layer: Layer::Tcp },
+        _ => ParseError::Malformed { layer: Layer::Ip },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::{PROTO_TCP, PROTO_UDP};
+    use etherparse::{IpFragOffset, Ipv4Header, Ipv6FragmentHeader, PacketBuilder};
+    use proptest::prelude::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    const CLIENT: [u8; 4] = [198, 18, 1, 2];
+    const VIP: [u8; 4] = [198, 18, 100, 1];
+    const CLIENT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    const VIP6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+    fn tcp_syn_v4() -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4(CLIENT, VIP, 64)
+            .tcp(40000, 80, 1, 65535)
+            .syn()
+            .write(&mut out, b"")
+            .unwrap();
+        out
+    }
+
+    fn udp_v6(payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ipv6(CLIENT6, VIP6, 64)
+            .udp(5353, 53)
+            .write(&mut out, payload)
+            .unwrap();
+        out
+    }
+
+    fn ethernet(ethertype: u16, vlans: usize, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+        for _ in 0..vlans {
+            f.extend_from_slice(&ETHERTYPE_VLAN.to_be_bytes());
+            f.extend_from_slice(&[0, 42]);
+        }
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn v4_flow(protocol: u8, sport: u16, dport: u16) -> FlowKey {
+        FlowKey::v4(
+            Ipv4Addr::from(CLIENT),
+            Ipv4Addr::from(VIP),
+            protocol,
+            sport,
+            dport,
+        )
+    }
+
+    #[test]
+    fn tcp_syn_over_ethernet_and_bare_ip() {
+        let ip = tcp_syn_v4();
+        for (frame, link, offset) in [
+            (ip.clone(), Link::Ip, 0),
+            (ethernet(ETHERTYPE_IPV4, 0, &ip), Link::Ethernet, 14),
+            (ethernet(ETHERTYPE_IPV4, 2, &ip), Link::Ethernet, 22),
+        ] {
+            let p = parse(&frame, link).unwrap();
+            assert_eq!(p.ip, ip.as_slice());
+            assert_eq!(p.ip_offset, offset);
+            assert_eq!(
+                p.kind,
+                Kind::Transport {
+                    flow: v4_flow(PROTO_TCP, 40000, 80),
+                    syn: true
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn trailing_padding_is_not_part_of_the_ip_packet() {
+        let ip = tcp_syn_v4();
+        let mut frame = ethernet(ETHERTYPE_IPV4, 0, &ip);
+        frame.extend_from_slice(&[0; 6]); // Ethernet minimum-size padding
+        assert_eq!(parse(&frame, Link::Ethernet).unwrap().ip, ip.as_slice());
+    }
+
+    #[test]
+    fn ipv4_with_options_and_df() {
+        let mut header = Ipv4Header::new(8, 64, IpNumber::UDP, CLIENT, VIP).unwrap();
+        header.options = [1, 1, 1, 0].as_slice().try_into().unwrap(); // NOP NOP NOP EOL
+        header.dont_fragment = true;
+        let mut out = Vec::new();
+        PacketBuilder::ip(etherparse::IpHeaders::Ipv4(header, Default::default()))
+            .udp(1000, 53)
+            .write(&mut out, b"")
+            .unwrap();
+        let p = parse(&out, Link::Ip).unwrap();
+        assert!(p.dont_fragment);
+        assert_eq!(
+            p.kind,
+            Kind::Transport {
+                flow: v4_flow(PROTO_UDP, 1000, 53),
+                syn: false
+            }
+        );
+    }
+
+    #[test]
+    fn ipv6_with_extension_headers() {
+        let payload = udp_v6(b"hello");
+        // Insert a hop-by-hop options header (8 bytes: next header UDP, length 0, PadN).
+        let mut p = payload[..40].to_vec();
+        p[6] = 0; // next header: hop-by-hop
+        p[4..6].copy_from_slice(&(u16::from_be_bytes([payload[4], payload[5]]) + 8).to_be_bytes());
+        p.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
+        p.extend_from_slice(&payload[40..]);
+        let parsed = parse(&p, Link::Ip).unwrap();
+        assert!(parsed.dont_fragment);
+        let flow = FlowKey::v6(
+            Ipv6Addr::from(CLIENT6),
+            Ipv6Addr::from(VIP6),
+            PROTO_UDP,
+            5353,
+            53,
+        );
+        assert_eq!(parsed.kind, Kind::Transport { flow, syn: false });
+    }
+
+    #[test]
+    fn fragments_are_steered_by_the_three_tuple() {
+        let ip = tcp_syn_v4();
+        // First fragment: MF set, offset 0. Later fragment: offset 8 (64 bytes).
+        for (more, offset) in [(true, 0u16), (false, 8)] {
+            let mut f = ip.clone();
+            let flags = if more { 0x2000 } else { 0 } | offset;
+            f[6..8].copy_from_slice(&flags.to_be_bytes());
+            let (h, _) = Ipv4Header::from_slice(&f).unwrap();
+            f[10..12].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
+            let p = parse(&f, Link::Ip).unwrap();
+            assert_eq!(
+                p.kind,
+                Kind::Fragment {
+                    flow: v4_flow(PROTO_TCP, 0, 0)
+                },
+                "more={more} offset={offset}"
+            );
+        }
+        // IPv6 later fragment.
+        let v6 = udp_v6(b"datagram");
+        let mut f = v6[..40].to_vec();
+        f[6] = 44; // fragment header
+        f[4..6].copy_from_slice(&(u16::from_be_bytes([v6[4], v6[5]]) + 8).to_be_bytes());
+        let frag =
+            Ipv6FragmentHeader::new(IpNumber::UDP, IpFragOffset::try_new(1).unwrap(), false, 7);
+        f.extend_from_slice(&frag.to_bytes());
+        f.extend_from_slice(&v6[40..]);
+        let flow = FlowKey::v6(
+            Ipv6Addr::from(CLIENT6),
+            Ipv6Addr::from(VIP6),
+            PROTO_UDP,
+            0,
+            0,
+        );
+        assert_eq!(parse(&f, Link::Ip).unwrap().kind, Kind::Fragment { flow });
+    }
+
+    #[test]
+    fn icmp_errors_carry_the_quoted_flow() {
+        // A router tells the VIP that the backend's reply (VIP:80 -> client:40000) was too big.
+        let mut reply = Vec::new();
+        PacketBuilder::ipv4(VIP, CLIENT, 64)
+            .tcp(80, 40000, 1, 65535)
+            .ack(1)
+            .write(&mut reply, &[0u8; 100])
+            .unwrap();
+        let mut icmp = Vec::new();
+        PacketBuilder::ipv4([198, 18, 9, 9], VIP, 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1400,
+                },
+            ))
+            .write(&mut icmp, &reply[..28])
+            .unwrap();
+        let p = parse(&icmp, Link::Ip).unwrap();
+        let Kind::IcmpError { quoted, flow } = p.kind else {
+            panic!("{:?}", p.kind)
+        };
+        assert_eq!(quoted, v4_flow(PROTO_TCP, 40000, 80).reversed());
+        assert_eq!(quoted.reversed(), v4_flow(PROTO_TCP, 40000, 80));
+        assert_eq!(flow.protocol(), PROTO_ICMP);
+
+        let mut reply6 = Vec::new();
+        PacketBuilder::ipv6(VIP6, CLIENT6, 64)
+            .tcp(443, 40000, 1, 65535)
+            .write(&mut reply6, &[0u8; 64])
+            .unwrap();
+        let mut icmp6 = Vec::new();
+        PacketBuilder::ipv6(
+            [0x20, 0x01, 0x0d, 0xb8, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9],
+            VIP6,
+            64,
+        )
+        .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 })
+        .write(&mut icmp6, &reply6)
+        .unwrap();
+        let Kind::IcmpError { quoted, .. } = parse(&icmp6, Link::Ip).unwrap().kind else {
+            panic!()
+        };
+        assert_eq!(
+            quoted,
+            FlowKey::v6(
+                Ipv6Addr::from(VIP6),
+                Ipv6Addr::from(CLIENT6),
+                PROTO_TCP,
+                443,
+                40000
+            )
+        );
+    }
+
+    #[test]
+    fn icmp_echo_is_other_ip() {
+        let mut echo = Vec::new();
+        PacketBuilder::ipv4(CLIENT, VIP, 64)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut echo, b"ping")
+            .unwrap();
+        assert_eq!(
+            parse(&echo, Link::Ip).unwrap().kind,
+            Kind::OtherIp {
+                flow: v4_flow(PROTO_ICMP, 0, 0)
+            }
+        );
+    }
+
+    #[test]
+    fn arp_is_not_ip_and_not_an_error() {
+        let frame = ethernet(0x0806, 0, &[0; 28]);
+        assert_eq!(
+            parse(&frame, Link::Ethernet).unwrap().kind,
+            Kind::NotIp { ethertype: 0x0806 }
+        );
+    }
+
+    #[test]
+    fn malformed_input_gives_typed_errors() {
+        assert_eq!(
+            parse(&[], Link::Ip),
+            Err(ParseError::Truncated {
+                layer: Layer::Ip,
+                required: 1,
+                found: 0
+            })
+        );
+        assert!(matches!(
+            parse(&[0x45; 10], Link::Ip),
+            Err(ParseError::Truncated {
+                layer: Layer::Ip,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&[0x75; 60], Link::Ip),
+            Err(ParseError::Malformed { layer: Layer::Ip })
+        ));
+        assert!(matches!(
+            parse(&[0; 13], Link::Ethernet),
+            Err(ParseError::Truncated {
+                layer: Layer::Ethernet,
+                ..
+            })
+        ));
+        let mut short_tcp = tcp_syn_v4();
+        short_tcp[32] = 0x20; // TCP data offset 2 words: below the minimum of 5
+        assert!(parse(&short_tcp, Link::Ip).is_err());
+        // An ICMP error whose quote is cut before the ports.
+        let mut icmp = Vec::new();
+        PacketBuilder::ipv4([198, 18, 9, 9], VIP, 64)
+            .icmpv4(Icmpv4Type::TimeExceeded(
+                etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit,
+            ))
+            .write(&mut icmp, &tcp_syn_v4()[..22])
+            .unwrap();
+        assert!(matches!(
+            parse(&icmp, Link::Ip),
+            Err(ParseError::Truncated {
+                layer: Layer::IcmpQuote,
+                ..
+            })
+        ));
+    }
+
+    fn valid_frames() -> Vec<(Vec<u8>, Link)> {
+        let ip = tcp_syn_v4();
+        vec![
+            (ip.clone(), Link::Ip),
+            (ethernet(ETHERTYPE_IPV4, 1, &ip), Link::Ethernet),
+            (udp_v6(b"some payload"), Link::Ip),
+            (ethernet(ETHERTYPE_IPV6, 0, &udp_v6(b"x")), Link::Ethernet),
+        ]
+    }
+
+    #[test]
+    fn every_truncation_of_a_valid_frame_is_an_error() {
+        for (frame, link) in valid_frames() {
+            parse(&frame, link).unwrap();
+            for len in 0..frame.len() {
+                assert!(
+                    parse(&frame[..len], link).is_err(),
+                    "prefix of {len} bytes of {frame:02x?} parsed"
+                );
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            let _ = parse(&bytes, Link::Ip);
+            let _ = parse(&bytes, Link::Ethernet);
+        }
+
+        #[test]
+        fn mutated_valid_frames_never_panic(which in 0usize..4, at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let (mut frame, link) = valid_frames().swap_remove(which);
+            let at = at.index(frame.len());
+            frame[at] = byte;
+            let _ = parse(&frame, link);
+        }
+    }
+}
