@@ -7,15 +7,24 @@
 //! - [`flow`]: [`FlowKey`], the 5-tuple of a packet, and its fleet-stable hash.
 //! - [`maglev`]: weighted Maglev lookup tables (NSDI 2016 §3.4), their fingerprint and diff.
 //! - [`config`]: the TOML configuration model and its validation.
+//! - [`snapshot`]: a config compiled for the hot path (VIP match, tables, backends).
+//! - [`packet`]: parsing frames into the facts the decision steers by.
+//! - [`conntrack`]: the per-worker connection table (fixed capacity, SYN-flood safe).
+//! - [`encap`]: IP-in-IP and GRE encapsulation and decapsulation.
+//! - [`forward`]: the forwarding decision, `process(frame, &Snapshot, &mut WorkerState)`.
 //!
-//! Later layers (the packet path, connection tracking, encapsulation, SNAT ranges) join these
-//! modules; the I/O that drives them lives in `lb-dataplane`.
+//! The I/O that drives them lives in `lb-dataplane`.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod conntrack;
+pub mod encap;
 pub mod flow;
+pub mod forward;
 pub mod hash;
 pub mod maglev;
+pub mod packet;
+pub mod snapshot;
 
 pub use flow::FlowKey;
 pub use maglev::{BackendId, MaglevBuilder, MaglevTable, TableDiff};

@@ -1,0 +1,1101 @@
+//! The forwarding decision: [`process`] turns one received frame into an [`Action`]. It runs on
+//! every packet of every mux worker, as pure code.
+//!
+//! 1. Parse ([`crate::packet`]). A malformed frame is dropped with the reason of its layer.
+//! 2. Match a VIP ([`Snapshot::match_vip`]). Traffic for no VIP is passed to the host or
+//!    dropped, as `node.unmatched` says.
+//! 3. Choose the backend.
+//!    - A TCP or UDP flow in the worker's [`ConnTable`] keeps its backend, while that backend is
+//!      still in the VIP's table (a drained backend, weight 0, keeps its flows).
+//!    - Otherwise the Maglev table decides, and the flow is tracked. A full table falls back to
+//!      pure hashing; the packet is still forwarded.
+//!    - Fragments use the 3-tuple and are not tracked.
+//!    - ICMP errors use the quoted flow, reversed, so they reach the backend of the connection.
+//! 4. Encapsulate towards the backend ([`crate::encap`]). If the result would exceed the MTU and
+//!    the packet may not be fragmented, answer the client with a rate-limited ICMP "fragmentation
+//!    needed" or ICMPv6 "packet too big", with the MTU reduced by the encapsulation overhead.
+//!
+//! **Invariants.** Nothing here allocates. Every drop has a [`DropReason`] and a counter.
+//! [`DropReason::Internal`] must stay 0: it counts states that correct code cannot reach.
+
+use std::io::Cursor;
+use std::net::IpAddr;
+
+use etherparse::{Icmpv4Type, Icmpv6Type, PacketBuilder, icmpv4::DestUnreachableHeader};
+
+use crate::config::{Encap, Unmatched};
+use crate::conntrack::{ConnTable, Tracked};
+use crate::encap::{self, EncapKind, EncapParams};
+use crate::flow::FlowKey;
+use crate::hash::xxh3;
+use crate::packet::{self, Kind, Layer, Link, ParseError, Parsed};
+use crate::snapshot::{Snapshot, Vip};
+
+/// Why a packet was dropped. Each has a counter; [`DropReason::Internal`] must stay 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The frame ended before a header did.
+    Truncated,
+    /// A header had impossible contents.
+    Malformed,
+    /// An ICMP error quoted too little of the packet to know its flow.
+    BadIcmpQuote,
+    /// No VIP matched, and `node.unmatched = "drop"`.
+    NoVip,
+    /// A fragment to an address with several port VIPs of its protocol: its VIP is ambiguous.
+    FragmentVipAmbiguous,
+    /// The VIP has no backend with a weight above 0.
+    NoBackend,
+    /// The node has no source address of the backend's family.
+    NoSourceAddress,
+    /// The encapsulated packet would exceed the MTU, and the inner packet may be fragmented
+    /// (IPv4 without DF): the outer header sets DF, so it cannot leave. Counted, not answered.
+    TooBigFragmentable,
+    /// Too big with DF, but the ICMP answer was rate-limited.
+    TooBigRateLimited,
+    /// A state correct code cannot reach (a table or buffer inconsistency). Must stay 0.
+    Internal,
+}
+
+impl DropReason {
+    /// Every reason, in counter order.
+    pub const ALL: [Self; 10] = [
+        Self::Truncated,
+        Self::Malformed,
+        Self::BadIcmpQuote,
+        Self::NoVip,
+        Self::FragmentVipAmbiguous,
+        Self::NoBackend,
+        Self::NoSourceAddress,
+        Self::TooBigFragmentable,
+        Self::TooBigRateLimited,
+        Self::Internal,
+    ];
+
+    /// The counter's name, as in metrics (`lb_drops_total{reason="…"}`).
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Truncated => "truncated",
+            Self::Malformed => "malformed",
+            Self::BadIcmpQuote => "bad_icmp_quote",
+            Self::NoVip => "no_vip",
+            Self::FragmentVipAmbiguous => "fragment_vip_ambiguous",
+            Self::NoBackend => "no_backend",
+            Self::NoSourceAddress => "no_source_address",
+            Self::TooBigFragmentable => "too_big_fragmentable",
+            Self::TooBigRateLimited => "too_big_rate_limited",
+            Self::Internal => "internal",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL
+            .iter()
+            .position(|&r| r == self)
+            .unwrap_or(Self::ALL.len() - 1)
+    }
+
+    fn of_parse_error(e: ParseError) -> Self {
+        match e {
+            ParseError::Truncated {
+                layer: Layer::IcmpQuote,
+                ..
+            }
+            | ParseError::Malformed {
+                layer: Layer::IcmpQuote,
+            } => Self::BadIcmpQuote,
+            ParseError::Truncated { .. } => Self::Truncated,
+            ParseError::Malformed { .. } => Self::Malformed,
+        }
+    }
+}
+
+/// What to do with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send the first `len` bytes of the output buffer (an encapsulated packet) to `backend`.
+    Encap {
+        /// The VIP's index in the snapshot.
+        vip: u16,
+        /// The backend's index in the VIP's table.
+        backend: u16,
+        /// The backend's address: the outer destination.
+        to: IpAddr,
+        /// Length of the encapsulated packet in the output buffer.
+        len: usize,
+    },
+    /// Send the first `len` bytes of the output buffer (an ICMP error, an IP packet) back to
+    /// the client.
+    IcmpReply {
+        /// Length of the ICMP packet in the output buffer.
+        len: usize,
+    },
+    /// Hand the frame to the host's own stack.
+    Pass,
+    /// Drop the frame.
+    Drop(DropReason),
+}
+
+/// A worker's counters. Each worker owns one; they are summed when scraped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Frames processed.
+    pub packets: u64,
+    /// Packets encapsulated towards a backend.
+    pub encapsulated: u64,
+    /// Frames passed to the host.
+    pub passed: u64,
+    /// ICMP "too big" answers sent.
+    pub icmp_too_big_sent: u64,
+    /// Drops, indexed as [`DropReason::ALL`].
+    pub drops: [u64; DropReason::ALL.len()],
+}
+
+impl Counters {
+    /// The drops of one reason.
+    #[must_use]
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+}
+
+/// A token bucket for ICMP answers, so that a flood of big packets cannot make the mux flood
+/// clients with ICMP (RFC 1812 §4.3.2.8, RFC 4443 §2.4(f)).
+#[derive(Clone, Copy, Debug)]
+pub struct RateLimiter {
+    tokens: u64,
+    burst: u64,
+    interval_ns: u64,
+    last_refill: u64,
+}
+
+impl RateLimiter {
+    /// `per_second` answers on average, up to `burst` at once.
+    #[must_use]
+    pub fn new(per_second: u64, burst: u64) -> Self {
+        Self {
+            tokens: burst,
+            burst,
+            interval_ns: 1_000_000_000 / per_second.max(1),
+            last_refill: 0,
+        }
+    }
+
+    /// Takes a token at time `now` (nanoseconds), if there is one.
+    pub fn take(&mut self, now: u64) -> bool {
+        let earned = now.saturating_sub(self.last_refill) / self.interval_ns;
+        if earned > 0 {
+            self.tokens = (self.tokens + earned).min(self.burst);
+            self.last_refill += earned * self.interval_ns;
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
+/// Everything a worker owns: its connection table, its counters, its ICMP rate limit.
+#[derive(Debug)]
+pub struct WorkerState {
+    /// The worker's connection table.
+    pub conntrack: ConnTable,
+    /// The worker's counters.
+    pub counters: Counters,
+    /// The ICMP "too big" rate limit.
+    pub too_big_limiter: RateLimiter,
+}
+
+impl WorkerState {
+    /// A worker with `conntrack` and at most 100 ICMP answers a second (bursts of 10).
+    #[must_use]
+    pub fn new(conntrack: ConnTable) -> Self {
+        Self {
+            conntrack,
+            counters: Counters::default(),
+            too_big_limiter: RateLimiter::new(100, 10),
+        }
+    }
+}
+
+/// A 32-bit tag of a backend's address. A tracked flow keeps its backend only while the
+/// snapshot's backend at the tracked index has the same tag: a reload may renumber backends.
+#[must_use]
+pub fn backend_tag(address: IpAddr) -> u32 {
+    let bytes = match address {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    };
+    (xxh3(&bytes, 0x6c62_2d74_6167_0000) >> 32) as u32
+}
+
+/// Decides what to do with `frame`, writing any packet to send into `out` (which must hold
+/// 65 535 bytes plus the largest encapsulation overhead, 48 bytes). `now` is a monotonic clock
+/// in nanoseconds. See the module docs for the steps.
+pub fn process(
+    frame: &[u8],
+    link: Link,
+    snapshot: &Snapshot,
+    state: &mut WorkerState,
+    now: u64,
+    out: &mut [u8],
+) -> Action {
+    state.counters.packets += 1;
+    let action = decide(frame, link, snapshot, state, now, out);
+    let c = &mut state.counters;
+    match action {
+        Action::Encap { .. } => c.encapsulated += 1,
+        Action::IcmpReply { .. } => c.icmp_too_big_sent += 1,
+        Action::Pass => c.passed += 1,
+        Action::Drop(reason) => c.drops[reason.index()] += 1,
+    }
+    action
+}
+
+fn decide(
+    frame: &[u8],
+    link: Link,
+    snapshot: &Snapshot,
+    state: &mut WorkerState,
+    now: u64,
+    out: &mut [u8],
+) -> Action {
+    let parsed = match packet::parse(frame, link) {
+        Ok(p) => p,
+        Err(e) => return Action::Drop(DropReason::of_parse_error(e)),
+    };
+    let unmatched = || match snapshot.node.unmatched {
+        Unmatched::Pass => Action::Pass,
+        Unmatched::Drop => Action::Drop(DropReason::NoVip),
+    };
+    // The flow to steer by, its VIP, and whether it is tracked.
+    let (flow, vip_index, tracked) = match parsed.kind {
+        Kind::NotIp { .. } => return Action::Pass,
+        Kind::OtherIp { .. } => return unmatched(),
+        Kind::Transport { flow, .. } => {
+            match snapshot.match_vip(flow.dst(), flow.protocol(), flow.dst_port()) {
+                Some(v) => (flow, v, true),
+                None => return unmatched(),
+            }
+        }
+        Kind::IcmpError { quoted, .. } => {
+            let client_flow = quoted.reversed();
+            match snapshot.match_vip(
+                client_flow.dst(),
+                client_flow.protocol(),
+                client_flow.dst_port(),
+            ) {
+                Some(v) => (client_flow, v, true),
+                None => return unmatched(),
+            }
+        }
+        Kind::Fragment { flow } => {
+            match snapshot.match_vip_of_fragment(flow.dst(), flow.protocol()) {
+                Some(v) => (flow, v, false),
+                None if snapshot.match_vip(flow.dst(), flow.protocol(), 0).is_none()
+                    && snapshot
+                        .vips
+                        .iter()
+                        .any(|v| v.address == flow.dst() && v.protocol == flow.protocol()) =>
+                {
+                    return Action::Drop(DropReason::FragmentVipAmbiguous);
+                }
+                None => return unmatched(),
+            }
+        }
+    };
+    let Some(vip) = snapshot.vip(vip_index) else {
+        return Action::Drop(DropReason::Internal);
+    };
+    let hash = flow.hash();
+    let is_icmp_error = matches!(parsed.kind, Kind::IcmpError { .. });
+    let Some(backend) = choose_backend(
+        vip,
+        vip_index,
+        &flow,
+        hash,
+        tracked,
+        is_icmp_error,
+        state,
+        now,
+    ) else {
+        return Action::Drop(DropReason::NoBackend);
+    };
+    let Some(to) = vip.backend(backend).map(|b| b.id.0) else {
+        return Action::Drop(DropReason::Internal);
+    };
+    let Some(from) = snapshot.source_for(to) else {
+        return Action::Drop(DropReason::NoSourceAddress);
+    };
+    let kind = match vip.encap {
+        Encap::Ipip => EncapKind::Ipip,
+        Encap::Gre => EncapKind::Gre { key: None },
+    };
+    let overhead = encap::overhead(kind, to.is_ipv6());
+    if parsed.ip.len() + overhead > usize::from(snapshot.node.mtu) {
+        return too_big(&parsed, snapshot, overhead, state, now, out);
+    }
+    let params = EncapParams {
+        outer_src: from,
+        outer_dst: to,
+        ttl: snapshot.node.ttl,
+        kind,
+    };
+    match encap::encapsulate(parsed.ip, &params, out) {
+        Ok(len) => Action::Encap {
+            vip: vip_index,
+            backend,
+            to,
+            len,
+        },
+        Err(_) => Action::Drop(DropReason::Internal),
+    }
+}
+
+/// The backend of a flow: its tracked backend while that is still in the table, else the
+/// Maglev table's (tracking the new choice). ICMP errors only read the connection table.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; the values are the decision's state"
+)]
+fn choose_backend(
+    vip: &Vip,
+    vip_index: u16,
+    flow: &FlowKey,
+    hash: u64,
+    tracked: bool,
+    is_icmp_error: bool,
+    state: &mut WorkerState,
+    now: u64,
+) -> Option<u16> {
+    if tracked && let Some(t) = state.conntrack.lookup(flow, hash, now) {
+        // Still in the table: same VIP, and the backend at that index is the one tracked. A
+        // drained backend (weight 0) stays in the list, so its tracked flows continue.
+        let still_there = t.vip == vip_index
+            && vip
+                .backend(t.backend)
+                .is_some_and(|b| backend_tag(b.id.0) == t.backend_tag);
+        if still_there {
+            return Some(t.backend);
+        }
+    }
+    let backend = vip.table.lookup(hash)?;
+    if tracked && !is_icmp_error {
+        let tag = vip.backend(backend).map_or(0, |b| backend_tag(b.id.0));
+        // A full table (InsertOutcome::Full, counted by the table) is not a drop: the flow is
+        // then steered by the Maglev table alone (Maglev §3.3).
+        let _ = state.conntrack.insert(
+            *flow,
+            hash,
+            Tracked {
+                vip: vip_index,
+                backend,
+                backend_tag: tag,
+            },
+            now,
+        );
+    }
+    Some(backend)
+}
+
+/// Answers a packet too big to encapsulate: ICMP "fragmentation needed" (IPv4 with DF) or
+/// ICMPv6 "packet too big", from the VIP to the client, with the MTU the client must use so
+/// that its packets fit once encapsulated. Rate-limited.
+fn too_big(
+    parsed: &Parsed<'_>,
+    snapshot: &Snapshot,
+    overhead: usize,
+    state: &mut WorkerState,
+    now: u64,
+    out: &mut [u8],
+) -> Action {
+    if !parsed.dont_fragment {
+        return Action::Drop(DropReason::TooBigFragmentable);
+    }
+    if !state.too_big_limiter.take(now) {
+        return Action::Drop(DropReason::TooBigRateLimited);
+    }
+    let Some(flow) = parsed.kind.flow() else {
+        return Action::Drop(DropReason::Internal);
+    };
+    let mtu = usize::from(snapshot.node.mtu).saturating_sub(overhead);
+    let (client, vip) = (flow.src(), flow.dst());
+    let mut cursor = Cursor::new(&mut *out);
+    let written = match (vip, client) {
+        (IpAddr::V4(vip), IpAddr::V4(client)) => {
+            // RFC 1812 §4.3.2.3: quote as much as fits in 576 bytes.
+            let quote = &parsed.ip[..parsed.ip.len().min(576 - 28)];
+            let next_hop_mtu = u16::try_from(mtu.max(68)).unwrap_or(u16::MAX);
+            PacketBuilder::ipv4(vip.octets(), client.octets(), 64)
+                .icmpv4(Icmpv4Type::DestinationUnreachable(
+                    DestUnreachableHeader::FragmentationNeeded { next_hop_mtu },
+                ))
+                .write(&mut cursor, quote)
+        }
+        (IpAddr::V6(vip), IpAddr::V6(client)) => {
+            // RFC 4443 §3.2: the MTU is at least 1280; quote as much as fits in 1280 bytes.
+            let quote = &parsed.ip[..parsed.ip.len().min(1280 - 48)];
+            let mtu = u32::try_from(mtu.max(1280)).unwrap_or(u32::MAX);
+            PacketBuilder::ipv6(vip.octets(), client.octets(), 64)
+                .icmpv6(Icmpv6Type::PacketTooBig { mtu })
+                .write(&mut cursor, quote)
+        }
+        _ => return Action::Drop(DropReason::Internal),
+    };
+    match written {
+        Ok(()) => Action::IcmpReply {
+            len: usize::try_from(cursor.position()).unwrap_or(0),
+        },
+        Err(_) => Action::Drop(DropReason::Internal),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::conntrack::ConnTableConfig;
+    use crate::flow::{PROTO_TCP, PROTO_UDP};
+    use crate::packet::PROTO_ICMP;
+    use etherparse::{Icmpv4Slice, Icmpv6Slice, IpNumber, Ipv4HeaderSlice, Ipv6HeaderSlice};
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    /// One VIP per encapsulation combination, each with one backend, so the expected output is
+    /// exact; plus a three-backend VIP for steering tests.
+    const CONFIG: &str = r#"
+        [node]
+        address_v4 = "198.18.11.2"
+        address_v6 = "2001:db8:11::2"
+        mtu = 1500
+        ttl = 63
+        [[vip]]
+        name = "v4-in-v4"
+        address = "198.18.100.1"
+        protocol = "tcp"
+        port = 80
+        encap = "ipip"
+        [[vip.backend]]
+        address = "198.18.21.2"
+        [[vip]]
+        name = "v4-in-v6"
+        address = "198.18.100.1"
+        protocol = "tcp"
+        port = 81
+        encap = "ipip"
+        [[vip.backend]]
+        address = "2001:db8:21::2"
+        [[vip]]
+        name = "v6-in-v6"
+        address = "2001:db8:100::1"
+        protocol = "tcp"
+        port = 80
+        encap = "ipip"
+        [[vip.backend]]
+        address = "2001:db8:21::2"
+        [[vip]]
+        name = "v6-in-v4"
+        address = "2001:db8:100::1"
+        protocol = "tcp"
+        port = 81
+        encap = "ipip"
+        [[vip.backend]]
+        address = "198.18.21.2"
+        [[vip]]
+        name = "gre-v4"
+        address = "198.18.100.1"
+        protocol = "udp"
+        port = "all"
+        encap = "gre"
+        [[vip.backend]]
+        address = "198.18.22.2"
+        [[vip]]
+        name = "gre-v6"
+        address = "2001:db8:100::1"
+        protocol = "udp"
+        port = "all"
+        encap = "gre"
+        [[vip.backend]]
+        address = "2001:db8:22::2"
+        [[vip]]
+        name = "pool"
+        address = "198.18.100.2"
+        protocol = "tcp"
+        port = 80
+        encap = "ipip"
+        [[vip.backend]]
+        address = "198.18.21.2"
+        [[vip.backend]]
+        address = "198.18.22.2"
+        [[vip.backend]]
+        address = "198.18.23.2"
+    "#;
+
+    const CLIENT: [u8; 4] = [198, 18, 1, 2];
+    const VIP: [u8; 4] = [198, 18, 100, 1];
+    const POOL: [u8; 4] = [198, 18, 100, 2];
+    const CLIENT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    const VIP6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+    fn snapshot(text: &str) -> Snapshot {
+        Snapshot::compile(&Config::from_toml(text, "test.toml").unwrap(), 1).unwrap()
+    }
+
+    fn worker() -> WorkerState {
+        WorkerState::new(ConnTable::new(ConnTableConfig {
+            capacity: 1024,
+            ..ConnTableConfig::default()
+        }))
+    }
+
+    fn tcp4(
+        src: [u8; 4],
+        dst: [u8; 4],
+        sport: u16,
+        dport: u16,
+        syn: bool,
+        payload: usize,
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        let b = PacketBuilder::ipv4(src, dst, 64).tcp(sport, dport, 1, 65535);
+        let b = if syn { b.syn() } else { b.ack(1) };
+        b.write(&mut out, &vec![0xab; payload]).unwrap();
+        out
+    }
+
+    fn tcp6(sport: u16, dport: u16, payload: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ipv6(CLIENT6, VIP6, 64)
+            .tcp(sport, dport, 1, 65535)
+            .syn()
+            .write(&mut out, &vec![0xab; payload])
+            .unwrap();
+        out
+    }
+
+    fn udp4(sport: u16, dport: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4(CLIENT, VIP, 64)
+            .udp(sport, dport)
+            .write(&mut out, b"query")
+            .unwrap();
+        out
+    }
+
+    fn udp6(sport: u16, dport: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ipv6(CLIENT6, VIP6, 64)
+            .udp(sport, dport)
+            .write(&mut out, b"query")
+            .unwrap();
+        out
+    }
+
+    fn with_df(mut ip: Vec<u8>, df: bool) -> Vec<u8> {
+        ip[6] = if df { 0x40 } else { 0 };
+        ip[7] = 0;
+        ip[10..12].fill(0);
+        let sum = Ipv4HeaderSlice::from_slice(&ip)
+            .unwrap()
+            .to_header()
+            .calc_header_checksum();
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        ip
+    }
+
+    fn run(
+        snapshot: &Snapshot,
+        state: &mut WorkerState,
+        frame: &[u8],
+        now: u64,
+    ) -> (Action, Vec<u8>) {
+        let mut out = vec![0u8; 65535 + 48];
+        let action = process(frame, Link::Ip, snapshot, state, now, &mut out);
+        let len = match action {
+            Action::Encap { len, .. } | Action::IcmpReply { len } => len,
+            _ => 0,
+        };
+        out.truncate(len);
+        (action, out)
+    }
+
+    /// Checks an encapsulated packet with etherparse: outer addresses, protocol, TTL, DF and
+    /// checksum, and that the inner packet is the input, untouched.
+    fn check_encapsulated(out: &[u8], inner: &[u8], from: IpAddr, to: IpAddr, gre: bool) {
+        let (payload_at, protocol) = match to {
+            IpAddr::V4(to4) => {
+                let h = Ipv4HeaderSlice::from_slice(out).unwrap();
+                assert_eq!(
+                    (IpAddr::V4(h.source_addr()), h.destination_addr()),
+                    (from, to4)
+                );
+                assert!(h.dont_fragment());
+                assert_eq!(h.ttl(), 63);
+                assert_eq!(usize::from(h.total_len()), out.len());
+                assert_eq!(h.header_checksum(), h.to_header().calc_header_checksum());
+                (usize::from(h.ihl()) * 4, h.protocol())
+            }
+            IpAddr::V6(to6) => {
+                let h = Ipv6HeaderSlice::from_slice(out).unwrap();
+                assert_eq!(
+                    (IpAddr::V6(h.source_addr()), h.destination_addr()),
+                    (from, to6)
+                );
+                assert_eq!(h.hop_limit(), 63);
+                assert_eq!(usize::from(h.payload_length()) + 40, out.len());
+                (40, h.next_header())
+            }
+        };
+        let inner_at = if gre {
+            assert_eq!(protocol, IpNumber::GRE);
+            payload_at + 4
+        } else {
+            assert_eq!(
+                protocol,
+                if inner[0] >> 4 == 4 {
+                    IpNumber::IPV4
+                } else {
+                    IpNumber::IPV6
+                }
+            );
+            payload_at
+        };
+        assert_eq!(&out[inner_at..], inner, "the inner packet is untouched");
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    struct Golden {
+        description: &'static str,
+        input: Vec<u8>,
+        expected: Action,
+        /// The whole output packet, as hex; `LB_BLESS=1` prints the actual ones.
+        output_hex: &'static str,
+    }
+
+    fn v4(a: [u8; 4]) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(a))
+    }
+
+    fn v6(a: &str) -> IpAddr {
+        IpAddr::V6(a.parse::<Ipv6Addr>().unwrap())
+    }
+
+    fn golden_table() -> Vec<Golden> {
+        let encap = |vip, to: IpAddr, len| Action::Encap {
+            vip,
+            backend: 0,
+            to,
+            len,
+        };
+        vec![
+            Golden {
+                description: "IPv4 TCP SYN, IPv4-in-IPv4",
+                input: tcp4(CLIENT, VIP, 40000, 80, true, 0),
+                expected: encap(0, v4([198, 18, 21, 2]), 60),
+                output_hex: "4500003c000040003f048f95c6120b02c61215024500002800004000400649a8c6120102c61264019c40005000000001000000005002ffff22290000",
+            },
+            Golden {
+                description: "IPv4 TCP SYN, IPv4-in-IPv6",
+                input: tcp4(CLIENT, VIP, 40000, 81, true, 0),
+                expected: encap(1, v6("2001:db8:21::2"), 80),
+                output_hex: "600000000028043f20010db800110000000000000000000220010db80021000000000000000000024500002800004000400649a8c6120102c61264019c40005100000001000000005002ffff22280000",
+            },
+            Golden {
+                description: "IPv6 TCP SYN, IPv6-in-IPv6",
+                input: tcp6(40000, 80, 0),
+                expected: encap(2, v6("2001:db8:21::2"), 100),
+                output_hex: "60000000003c293f20010db800110000000000000000000220010db8002100000000000000000002600000000014064020010db800010000000000000000000220010db80100000000000000000000019c40005000000001000000005002ffffb6db0000",
+            },
+            Golden {
+                description: "IPv6 TCP SYN, IPv6-in-IPv4",
+                input: tcp6(40000, 81, 0),
+                expected: encap(3, v4([198, 18, 21, 2]), 80),
+                output_hex: "45000050000040003f298f5cc6120b02c6121502600000000014064020010db800010000000000000000000220010db80100000000000000000000019c40005100000001000000005002ffffb6da0000",
+            },
+            Golden {
+                description: "IPv4 UDP, GRE over IPv4",
+                input: udp4(5353, 53),
+                expected: encap(4, v4([198, 18, 22, 2]), 57),
+                output_hex: "45000039000040003f2f8e6dc6120b02c6121602000008004500002100004000401149a4c6120102c612640114e90035000da9a57175657279",
+            },
+            Golden {
+                description: "IPv6 UDP, GRE over IPv6",
+                input: udp6(5353, 53),
+                expected: encap(5, v6("2001:db8:22::2"), 97),
+                output_hex: "6000000000392f3f20010db800110000000000000000000220010db8002200000000000000000002000086dd60000000000d114020010db800010000000000000000000220010db801000000000000000000000114e90035000d3e587175657279",
+            },
+        ]
+    }
+
+    #[test]
+    fn golden_packets() {
+        let s = snapshot(CONFIG);
+        let bless = std::env::var_os("LB_BLESS").is_some();
+        for g in golden_table() {
+            let mut state = worker();
+            let (action, out) = run(&s, &mut state, &g.input, 0);
+            assert_eq!(action, g.expected, "{}", g.description);
+            if let Action::Encap { to, vip, .. } = action {
+                let from = s.source_for(to).unwrap();
+                check_encapsulated(
+                    &out,
+                    &g.input,
+                    from,
+                    to,
+                    s.vips[usize::from(vip)].encap == Encap::Gre,
+                );
+            }
+            if bless {
+                eprintln!("{}: {}", g.description, hex(&out));
+            } else {
+                assert_eq!(hex(&out), g.output_hex, "{}", g.description);
+            }
+            assert_eq!(state.counters.dropped(DropReason::Internal), 0);
+        }
+    }
+
+    #[test]
+    fn too_big_with_df_gets_a_rate_limited_icmp_answer() {
+        let s = snapshot(CONFIG);
+        let mut state = worker();
+        // 1500 bytes with DF: 20 bytes of IPv4-in-IPv4 overhead make 1520 > MTU 1500.
+        let big = with_df(tcp4(CLIENT, VIP, 40000, 80, false, 1460), true);
+        assert_eq!(big.len(), 1500);
+        let (action, out) = run(&s, &mut state, &big, 0);
+        let Action::IcmpReply { len } = action else {
+            panic!("{action:?}")
+        };
+        assert_eq!(len, out.len());
+        let ip = Ipv4HeaderSlice::from_slice(&out).unwrap();
+        assert_eq!(
+            (ip.source_addr(), ip.destination_addr()),
+            (Ipv4Addr::from(VIP), Ipv4Addr::from(CLIENT))
+        );
+        assert_eq!(ip.protocol(), IpNumber::ICMP);
+        assert_eq!(ip.header_checksum(), ip.to_header().calc_header_checksum());
+        let icmp = Icmpv4Slice::from_slice(&out[20..]).unwrap();
+        assert_eq!(
+            icmp.icmp_type(),
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                next_hop_mtu: 1480
+            })
+        );
+        assert_eq!(
+            icmp.icmp_type().calc_checksum(icmp.payload()),
+            icmp.checksum()
+        );
+        assert_eq!(
+            icmp.payload(),
+            &big[..548],
+            "quotes as much as fits in 576 bytes"
+        );
+        // 10 in a burst, then rate-limited until a token is earned (100 per second).
+        for _ in 1..10 {
+            assert!(matches!(
+                run(&s, &mut state, &big, 0).0,
+                Action::IcmpReply { .. }
+            ));
+        }
+        assert_eq!(
+            run(&s, &mut state, &big, 0).0,
+            Action::Drop(DropReason::TooBigRateLimited)
+        );
+        assert!(matches!(
+            run(&s, &mut state, &big, 10_000_000).0,
+            Action::IcmpReply { .. }
+        ));
+        assert_eq!(state.counters.icmp_too_big_sent, 11);
+        // Without DF the client cannot be told; the packet is dropped and counted.
+        let fragmentable = with_df(tcp4(CLIENT, VIP, 40000, 80, false, 1460), false);
+        assert_eq!(
+            run(&s, &mut state, &fragmentable, 0).0,
+            Action::Drop(DropReason::TooBigFragmentable)
+        );
+        // One byte less fits exactly.
+        let fits = with_df(tcp4(CLIENT, VIP, 40000, 80, false, 1440), true);
+        assert!(matches!(
+            run(&s, &mut state, &fits, 0).0,
+            Action::Encap { len: 1500, .. }
+        ));
+    }
+
+    #[test]
+    fn too_big_ipv6_gets_packet_too_big_with_the_overhead_subtracted() {
+        let s = snapshot(CONFIG);
+        let mut state = worker();
+        let big = tcp6(40000, 80, 1440); // 1500 bytes; IPv6-in-IPv6 adds 40
+        let (action, out) = run(&s, &mut state, &big, 0);
+        assert!(matches!(action, Action::IcmpReply { .. }), "{action:?}");
+        let ip = Ipv6HeaderSlice::from_slice(&out).unwrap();
+        assert_eq!(
+            (ip.source_addr(), ip.destination_addr()),
+            (Ipv6Addr::from(VIP6), Ipv6Addr::from(CLIENT6))
+        );
+        let icmp = Icmpv6Slice::from_slice(&out[40..]).unwrap();
+        assert_eq!(icmp.icmp_type(), Icmpv6Type::PacketTooBig { mtu: 1460 });
+        assert!(out.len() <= 1280, "fits the IPv6 minimum MTU");
+    }
+
+    #[test]
+    fn icmp_errors_reach_the_backend_of_the_connection() {
+        let s = snapshot(CONFIG);
+        let mut state = worker();
+        // Many clients of the three-backend pool; each backend serves some of them.
+        for port in 40000..40064u16 {
+            let syn = tcp4(CLIENT, POOL, port, 80, true, 0);
+            let Action::Encap { to, .. } = run(&s, &mut state, &syn, 0).0 else {
+                panic!()
+            };
+            // A router answers the backend's reply (POOL:80 -> CLIENT:port) with an ICMP error.
+            let reply = tcp4(POOL, CLIENT, 80, port, false, 0);
+            let mut icmp = Vec::new();
+            PacketBuilder::ipv4([198, 18, 9, 9], POOL, 64)
+                .icmpv4(Icmpv4Type::DestinationUnreachable(
+                    DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+                ))
+                .write(&mut icmp, &reply[..28])
+                .unwrap();
+            let (action, out) = run(&s, &mut state, &icmp, 0);
+            let Action::Encap { to: icmp_to, .. } = action else {
+                panic!("{action:?}")
+            };
+            assert_eq!(icmp_to, to, "client port {port}");
+            check_encapsulated(&out, &icmp, s.source_for(to).unwrap(), to, false);
+        }
+    }
+
+    #[test]
+    fn fragments_of_a_datagram_reach_one_backend_untracked() {
+        let s = snapshot(CONFIG);
+        let mut state = worker();
+        let mut first = udp4(5353, 53);
+        first[6] = 0x20; // MF
+        let mut later = udp4(5353, 53);
+        later[6] = 0x00;
+        later[7] = 0x02; // offset 16 bytes
+        for f in [&mut first, &mut later] {
+            f[10..12].fill(0);
+            let sum = Ipv4HeaderSlice::from_slice(f)
+                .unwrap()
+                .to_header()
+                .calc_header_checksum();
+            f[10..12].copy_from_slice(&sum.to_be_bytes());
+        }
+        let a = run(&s, &mut state, &first, 0).0;
+        let b = run(&s, &mut state, &later, 0).0;
+        assert!(matches!(a, Action::Encap { vip: 4, .. }), "{a:?}");
+        assert_eq!(a, b);
+        assert_eq!(
+            state.conntrack.occupancy().trusted + state.conntrack.occupancy().untrusted,
+            0
+        );
+    }
+
+    #[test]
+    fn unmatched_traffic_follows_the_node_policy() {
+        let s = snapshot(CONFIG);
+        let mut state = worker();
+        let other = tcp4(CLIENT, [198, 18, 100, 99], 40000, 80, true, 0);
+        assert_eq!(run(&s, &mut state, &other, 0).0, Action::Pass);
+        let mut echo = Vec::new();
+        PacketBuilder::ipv4(CLIENT, VIP, 64)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut echo, b"ping")
+            .unwrap();
+        assert_eq!(run(&s, &mut state, &echo, 0).0, Action::Pass);
+        let dropping = snapshot(&CONFIG.replace("ttl = 63", "ttl = 63\nunmatched = \"drop\""));
+        assert_eq!(
+            run(&dropping, &mut state, &other, 0).0,
+            Action::Drop(DropReason::NoVip)
+        );
+        assert_eq!(state.counters.dropped(DropReason::NoVip), 1);
+        assert_eq!(state.counters.passed, 2);
+    }
+
+    #[test]
+    fn malformed_frames_are_dropped_with_their_reason() {
+        let s = snapshot(CONFIG);
+        let mut state = worker();
+        let syn = tcp4(CLIENT, VIP, 40000, 80, true, 0);
+        assert_eq!(
+            run(&s, &mut state, &syn[..30], 0).0,
+            Action::Drop(DropReason::Truncated)
+        );
+        assert_eq!(
+            run(&s, &mut state, &[0x75; 40], 0).0,
+            Action::Drop(DropReason::Malformed)
+        );
+        let mut icmp = Vec::new();
+        PacketBuilder::ipv4([198, 18, 9, 9], VIP, 64)
+            .icmpv4(Icmpv4Type::TimeExceeded(
+                etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit,
+            ))
+            .write(&mut icmp, &syn[..22])
+            .unwrap();
+        assert_eq!(
+            run(&s, &mut state, &icmp, 0).0,
+            Action::Drop(DropReason::BadIcmpQuote)
+        );
+        let mut frame = vec![0u8; 12];
+        frame.extend_from_slice(&0x0806u16.to_be_bytes());
+        frame.extend_from_slice(&[0; 28]);
+        let mut out = vec![0; 100];
+        assert_eq!(
+            process(&frame, Link::Ethernet, &s, &mut state, 0, &mut out),
+            Action::Pass,
+            "ARP"
+        );
+        assert_eq!(state.counters.packets, 4);
+    }
+
+    /// Opens `port`'s connection to the pool under `s`: SYN, then ACK (the second packet makes
+    /// the tracked flow trusted, as a real handshake does). Returns its backend.
+    fn establish(s: &Snapshot, state: &mut WorkerState, port: u16) -> IpAddr {
+        let to = pool_backend(s, state, port, true);
+        assert_eq!(pool_backend(s, state, port, false), to);
+        to
+    }
+
+    /// Backend of one packet of `port`'s flow to the pool.
+    fn pool_backend(s: &Snapshot, state: &mut WorkerState, port: u16, syn: bool) -> IpAddr {
+        match run(s, state, &tcp4(CLIENT, POOL, port, 80, syn, 0), 0).0 {
+            Action::Encap { to, .. } => to,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn tracked_flows_survive_reloads_while_their_backend_stays() {
+        let before = snapshot(CONFIG);
+        // be4 joins the pool: the table moves about a quarter of the flows to it.
+        let after = snapshot(&CONFIG.replace(
+            "[[vip.backend]]\n        address = \"198.18.23.2\"",
+            "[[vip.backend]]\n        address = \"198.18.23.2\"\n        [[vip.backend]]\n        address = \"198.18.24.2\"",
+        ));
+        assert_eq!(after.vips[6].table.backends().len(), 4);
+        let mut state = worker();
+        let ports: Vec<u16> = (40000..40400).collect();
+        let first: Vec<IpAddr> = ports
+            .iter()
+            .map(|&p| establish(&before, &mut state, p))
+            .collect();
+        let mut moved_by_table = 0;
+        for (&port, &was) in ports.iter().zip(&first) {
+            assert_eq!(
+                pool_backend(&after, &mut state, port, false),
+                was,
+                "tracked flow {port} kept its backend"
+            );
+            let flow = FlowKey::v4(
+                Ipv4Addr::from(CLIENT),
+                Ipv4Addr::from(POOL),
+                PROTO_TCP,
+                port,
+                80,
+            );
+            let table_choice = after.vips[6]
+                .table
+                .lookup_backend(flow.hash())
+                .unwrap()
+                .id
+                .0;
+            moved_by_table += usize::from(table_choice != was);
+        }
+        assert!(
+            moved_by_table > 50,
+            "the new table would have moved {moved_by_table} of 400"
+        );
+        // A new worker (no conntrack) follows the new table.
+        let mut fresh = worker();
+        let to_be4 = ports
+            .iter()
+            .filter(|&&p| pool_backend(&after, &mut fresh, p, true) == v4([198, 18, 24, 2]))
+            .count();
+        assert!(to_be4 > 50, "{to_be4}");
+        assert_eq!(state.counters.dropped(DropReason::Internal), 0);
+    }
+
+    #[test]
+    fn removed_backend_loses_its_flows_and_drained_backend_keeps_them() {
+        let s = snapshot(CONFIG);
+        let mut state = worker();
+        let ports: Vec<u16> = (41000..41300).collect();
+        let first: Vec<IpAddr> = ports
+            .iter()
+            .map(|&p| establish(&s, &mut state, p))
+            .collect();
+        let be2 = v4([198, 18, 22, 2]);
+        assert!(first.contains(&be2));
+        // Drain be2 (weight 0): its tracked flows continue; new flows never reach it.
+        let drained = snapshot(&CONFIG.replace(
+            "address = \"198.18.22.2\"\n        [[vip.backend]]",
+            "address = \"198.18.22.2\"\n        weight = 0\n        [[vip.backend]]",
+        ));
+        assert_eq!(drained.vips[6].table.backends()[1].weight, 0);
+        for (&port, &was) in ports.iter().zip(&first) {
+            assert_eq!(pool_backend(&drained, &mut state, port, false), was);
+        }
+        let mut fresh = worker();
+        assert!(
+            ports
+                .iter()
+                .all(|&p| pool_backend(&drained, &mut fresh, p + 1000, true) != be2)
+        );
+        // Remove be2: its flows fall back to the table; the others keep their backends.
+        let removed = snapshot(&CONFIG.replace(
+            "[[vip.backend]]\n        address = \"198.18.22.2\"\n        [[vip.backend]]",
+            "[[vip.backend]]",
+        ));
+        assert_eq!(removed.vips[6].table.backends().len(), 2);
+        for (&port, &was) in ports.iter().zip(&first) {
+            let now = pool_backend(&removed, &mut state, port, false);
+            if was == be2 {
+                assert_ne!(now, be2);
+            } else {
+                assert_eq!(now, was, "flow {port} of a remaining backend moved");
+            }
+        }
+        assert_eq!(state.counters.dropped(DropReason::Internal), 0);
+    }
+
+    #[test]
+    fn a_full_connection_table_still_forwards_by_the_table() {
+        let s = snapshot(CONFIG);
+        let mut state = WorkerState::new(ConnTable::new(ConnTableConfig {
+            capacity: 8,
+            ..ConnTableConfig::default()
+        }));
+        for port in 0..2000u16 {
+            let flow = FlowKey::v4(
+                Ipv4Addr::from(CLIENT),
+                Ipv4Addr::from(POOL),
+                PROTO_TCP,
+                port,
+                80,
+            );
+            let expected = s.vips[6].table.lookup_backend(flow.hash()).unwrap().id.0;
+            assert_eq!(pool_backend(&s, &mut state, port, true), expected);
+        }
+        // New flows are untrusted: past the quota they evict each other, or find no room.
+        let c = state.conntrack.counters();
+        assert!(c.full + c.evictions_untrusted > 1900, "{c:?}");
+        assert_eq!(state.counters.encapsulated, 2000);
+    }
+
+    #[test]
+    fn a_vip_without_backends_drops_with_no_backend() {
+        let text = CONFIG.replace("port = 81\n        encap = \"ipip\"\n        [[vip.backend]]\n        address = \"2001:db8:21::2\"", "port = 81\n        encap = \"ipip\"");
+        let s = snapshot(&text);
+        let mut state = worker();
+        assert_eq!(
+            run(&s, &mut state, &tcp4(CLIENT, VIP, 1, 81, true, 0), 0).0,
+            Action::Drop(DropReason::NoBackend)
+        );
+        let _ = PROTO_UDP;
+        let _ = PROTO_ICMP;
+    }
+}

@@ -1,0 +1,283 @@
+//! [`Snapshot`]: a validated config compiled for the hot path. It holds the VIP match map, each
+//! VIP's Maglev table, and its backends.
+//!
+//! A snapshot is built off the hot path (it allocates and builds tables), then published whole.
+//! Workers read one snapshot per batch, so a packet sees one config, never a mix of two.
+//!
+//! **Invariants.**
+//! - A snapshot is immutable once built.
+//! - VIP indices (`u16`) are positions in [`Snapshot::vips`], in config order. Backend indices
+//!   are positions in a VIP's table backend list, sorted by address (see `maglev`).
+//! - The VIP map hashes with xxh3 (`Xxh3Builder`), never `std`'s `RandomState`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use xxhash_rust::xxh3::Xxh3Builder;
+
+use crate::config::{Config, Encap, PortSpec, Unmatched};
+use crate::maglev::{MaglevTable, TableError, WeightedBackend};
+
+/// One VIP as the hot path sees it.
+#[derive(Clone, Debug)]
+pub struct Vip {
+    /// The VIP's name (for logs and metric labels).
+    pub name: String,
+    /// The VIP address.
+    pub address: IpAddr,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Its port, or all ports.
+    pub port: PortSpec,
+    /// How packets reach its backends.
+    pub encap: Encap,
+    /// The Maglev table; slots index [`MaglevTable::backends`].
+    pub table: MaglevTable,
+    /// The table's fingerprint, computed once.
+    pub fingerprint: u64,
+}
+
+impl Vip {
+    /// The backend at `index` of the table's (sorted) backend list.
+    #[must_use]
+    pub fn backend(&self, index: u16) -> Option<&WeightedBackend> {
+        self.table.backends().get(usize::from(index))
+    }
+
+    /// Whether a tracked flow may keep using `index`: the backend is still in the table. A
+    /// drained backend (weight 0) keeps its tracked flows; one removed from the config does not.
+    #[must_use]
+    pub fn still_serves(&self, index: u16, address: IpAddr) -> bool {
+        self.backend(index).is_some_and(|b| b.id.0 == address)
+    }
+}
+
+/// The node's settings the hot path uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeSettings {
+    /// Outer source for IPv4 backends.
+    pub address_v4: Option<IpAddr>,
+    /// Outer source for IPv6 backends.
+    pub address_v6: Option<IpAddr>,
+    /// MTU towards the backends.
+    pub mtu: u16,
+    /// Outer TTL / hop limit.
+    pub ttl: u8,
+    /// Packets matching no VIP.
+    pub unmatched: Unmatched,
+}
+
+/// The key of an exact VIP match; `port` 0 stands for "all ports".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct VipKey {
+    address: IpAddr,
+    protocol: u8,
+    port: u16,
+}
+
+/// A config compiled for the hot path.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// Incremented by each successful reload.
+    pub generation: u64,
+    /// The node's settings.
+    pub node: NodeSettings,
+    /// The VIPs, in config order.
+    pub vips: Vec<Vip>,
+    by_key: HashMap<VipKey, u16, Xxh3Builder>,
+    /// For fragments, which carry no port: the VIP of an (address, protocol), if one is clear.
+    by_address: HashMap<(IpAddr, u8), u16, Xxh3Builder>,
+}
+
+impl Snapshot {
+    /// Compiles a validated config: builds every table. Not for the hot path.
+    pub fn compile(config: &Config, generation: u64) -> Result<Self, TableError> {
+        let mut vips = Vec::with_capacity(config.vips.len());
+        let mut by_key = HashMap::with_hasher(Xxh3Builder::new());
+        for (i, v) in config.vips.iter().enumerate() {
+            let table = v.table()?;
+            let port = match v.port {
+                PortSpec::Port(p) => p,
+                PortSpec::All => 0,
+            };
+            let protocol = v.protocol.number();
+            // Validation rejects overlapping VIPs, and the config bounds their count.
+            by_key.insert(
+                VipKey {
+                    address: v.address,
+                    protocol,
+                    port,
+                },
+                u16::try_from(i).unwrap_or(u16::MAX),
+            );
+            vips.push(Vip {
+                name: v.name.clone(),
+                address: v.address,
+                protocol,
+                port: v.port,
+                encap: v.encap,
+                fingerprint: table.fingerprint(),
+                table,
+            });
+        }
+        // Fragments: the all-ports VIP of an address and protocol if there is one; else the VIP
+        // if it is the only one there; several port VIPs make a fragment's VIP ambiguous.
+        let mut by_address = HashMap::with_hasher(Xxh3Builder::new());
+        for (i, v) in vips.iter().enumerate() {
+            let on_same: Vec<&Vip> = vips
+                .iter()
+                .filter(|o| o.address == v.address && o.protocol == v.protocol)
+                .collect();
+            if v.port == PortSpec::All || on_same.len() == 1 {
+                by_address.insert(
+                    (v.address, v.protocol),
+                    u16::try_from(i).unwrap_or(u16::MAX),
+                );
+            }
+        }
+        let node = NodeSettings {
+            address_v4: config.node.address_v4,
+            address_v6: config.node.address_v6,
+            mtu: config.node.mtu,
+            ttl: config.node.ttl,
+            unmatched: config.node.unmatched,
+        };
+        Ok(Self {
+            generation,
+            node,
+            vips,
+            by_key,
+            by_address,
+        })
+    }
+
+    /// The VIP a packet to `dst`, `protocol`, `dst_port` belongs to: an exact port match first,
+    /// then an all-ports VIP of the address and protocol.
+    #[inline]
+    #[must_use]
+    pub fn match_vip(&self, dst: IpAddr, protocol: u8, dst_port: u16) -> Option<u16> {
+        let key = VipKey {
+            address: dst,
+            protocol,
+            port: dst_port,
+        };
+        if dst_port != 0
+            && let Some(&i) = self.by_key.get(&key)
+        {
+            return Some(i);
+        }
+        self.by_key.get(&VipKey { port: 0, ..key }).copied()
+    }
+
+    /// The VIP of a fragment, which has no port (see `by_address`).
+    #[inline]
+    #[must_use]
+    pub fn match_vip_of_fragment(&self, dst: IpAddr, protocol: u8) -> Option<u16> {
+        self.by_address.get(&(dst, protocol)).copied()
+    }
+
+    /// The VIP at `index`.
+    #[must_use]
+    pub fn vip(&self, index: u16) -> Option<&Vip> {
+        self.vips.get(usize::from(index))
+    }
+
+    /// The outer source address for a backend of this family, if the node has one.
+    #[must_use]
+    pub fn source_for(&self, backend: IpAddr) -> Option<IpAddr> {
+        match backend {
+            IpAddr::V4(_) => self.node.address_v4,
+            IpAddr::V6(_) => self.node.address_v6,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::{PROTO_TCP, PROTO_UDP};
+
+    fn snapshot() -> Snapshot {
+        let text = r#"
+            [node]
+            address_v4 = "198.18.11.2"
+            [[vip]]
+            name = "web"
+            address = "198.18.100.1"
+            protocol = "tcp"
+            port = 80
+            encap = "ipip"
+            [[vip.backend]]
+            address = "198.18.21.2"
+            [[vip]]
+            name = "all-udp"
+            address = "198.18.100.1"
+            protocol = "udp"
+            port = "all"
+            encap = "gre"
+            [[vip.backend]]
+            address = "198.18.22.2"
+        "#;
+        Snapshot::compile(&Config::from_toml(text, "t").unwrap(), 7).unwrap()
+    }
+
+    #[test]
+    fn vip_match_by_address_protocol_and_port() {
+        let s = snapshot();
+        let vip: IpAddr = "198.18.100.1".parse().unwrap();
+        assert_eq!(s.match_vip(vip, PROTO_TCP, 80), Some(0));
+        assert_eq!(s.match_vip(vip, PROTO_TCP, 81), None);
+        assert_eq!(s.match_vip(vip, PROTO_UDP, 53), Some(1), "all-ports VIP");
+        assert_eq!(
+            s.match_vip(vip, PROTO_UDP, 0),
+            Some(1),
+            "port-less packets (fragments) match all-ports VIPs"
+        );
+        assert_eq!(
+            s.match_vip("198.18.100.2".parse().unwrap(), PROTO_TCP, 80),
+            None
+        );
+        assert_eq!(
+            s.match_vip_of_fragment(vip, PROTO_TCP),
+            Some(0),
+            "the only TCP VIP there"
+        );
+        assert_eq!(s.match_vip_of_fragment(vip, PROTO_UDP), Some(1));
+        assert_eq!(s.generation, 7);
+        assert_eq!(s.vips[0].fingerprint, s.vips[0].table.fingerprint());
+    }
+
+    #[test]
+    fn fragments_of_an_address_with_several_port_vips_are_ambiguous() {
+        let text = r#"
+            [node]
+            address_v4 = "198.18.11.2"
+            [[vip]]
+            name = "http"
+            address = "198.18.100.1"
+            protocol = "tcp"
+            port = 80
+            encap = "ipip"
+            [[vip]]
+            name = "https"
+            address = "198.18.100.1"
+            protocol = "tcp"
+            port = 443
+            encap = "ipip"
+        "#;
+        let s = Snapshot::compile(&Config::from_toml(text, "t").unwrap(), 1).unwrap();
+        assert_eq!(
+            s.match_vip_of_fragment("198.18.100.1".parse().unwrap(), PROTO_TCP),
+            None
+        );
+    }
+
+    #[test]
+    fn tracked_backend_must_still_be_in_the_table() {
+        let s = snapshot();
+        let be: IpAddr = "198.18.21.2".parse().unwrap();
+        assert!(s.vips[0].still_serves(0, be));
+        assert!(!s.vips[0].still_serves(0, "198.18.29.9".parse().unwrap()));
+        assert!(!s.vips[0].still_serves(5, be));
+    }
+}
