@@ -152,7 +152,76 @@ impl Kind {
 }
 
 /// Parses one frame. Never panics; see the module docs for what each [`Kind`] means.
+///
+/// The common case, IPv4 without options carrying unfragmented TCP or UDP, is read directly
+/// ([`parse_ipv4_fast`]); everything else, including every malformed frame, goes through
+/// etherparse. `tests::fast_path_agrees_with_etherparse` checks the two agree.
+#[inline]
 pub fn parse(frame: &[u8], link: Link) -> Result<Parsed<'_>, ParseError> {
+    let ip_offset = match link {
+        Link::Ip => 0,
+        Link::Ethernet => match frame.get(12..14) {
+            Some([0x08, 0x00]) => 14,
+            _ => return parse_general(frame, link),
+        },
+    };
+    match parse_ipv4_fast(frame, ip_offset) {
+        Some(parsed) => Ok(parsed),
+        None => parse_general(frame, link),
+    }
+}
+
+/// IPv4 with a 20-byte header, not a fragment, carrying TCP or UDP whose header fits: the
+/// facts read straight from the bytes. `None` for anything else (the general path decides).
+#[inline]
+fn parse_ipv4_fast(frame: &[u8], ip_offset: usize) -> Option<Parsed<'_>> {
+    let ip = frame.get(ip_offset..)?;
+    let header: &[u8; 20] = ip.get(..20)?.try_into().ok()?;
+    let total_len = usize::from(u16::from_be_bytes([header[2], header[3]]));
+    let flags_fragment = u16::from_be_bytes([header[6], header[7]]);
+    let protocol = header[9];
+    // Version 4, IHL 5; no MF bit and offset 0; a length that fits the frame.
+    if header[0] != 0x45 || flags_fragment & 0x3fff != 0 || total_len < 20 || total_len > ip.len() {
+        return None;
+    }
+    let ip = &ip[..total_len];
+    let l4 = &ip[20..];
+    let syn = match protocol {
+        crate::flow::PROTO_TCP => {
+            let data_offset = usize::from(*l4.get(12)? >> 4) * 4;
+            if data_offset < 20 || data_offset > l4.len() {
+                return None;
+            }
+            l4[13] & 0x12 == 0x02 // SYN without ACK
+        }
+        crate::flow::PROTO_UDP => {
+            let udp_len = usize::from(u16::from_be_bytes([*l4.get(4)?, *l4.get(5)?]));
+            if udp_len < 8 || udp_len > l4.len() {
+                return None;
+            }
+            false
+        }
+        _ => return None,
+    };
+    let src = std::net::Ipv4Addr::new(header[12], header[13], header[14], header[15]);
+    let dst = std::net::Ipv4Addr::new(header[16], header[17], header[18], header[19]);
+    let flow = FlowKey::v4(
+        src,
+        dst,
+        protocol,
+        u16::from_be_bytes([l4[0], l4[1]]),
+        u16::from_be_bytes([l4[2], l4[3]]),
+    );
+    Some(Parsed {
+        ip,
+        ip_offset,
+        dont_fragment: flags_fragment & 0x4000 != 0,
+        kind: Kind::Transport { flow, syn },
+    })
+}
+
+/// Every frame the fast path does not take: etherparse's slices.
+fn parse_general(frame: &[u8], link: Link) -> Result<Parsed<'_>, ParseError> {
     let ip_offset = match link {
         Link::Ip => 0,
         Link::Ethernet => match ethernet_payload(frame)? {
@@ -674,7 +743,61 @@ mod tests {
         }
     }
 
+    /// Where the fast path answers, the general path must answer the same.
+    fn assert_paths_agree(frame: &[u8]) {
+        for (link, offset) in [(Link::Ip, 0), (Link::Ethernet, 14)] {
+            if let Some(fast) = parse_ipv4_fast(frame, offset) {
+                if link == Link::Ethernet && frame.get(12..14) != Some(&[0x08, 0x00][..]) {
+                    continue;
+                }
+                assert_eq!(Ok(fast), parse_general(frame, link), "{frame:02x?}");
+            }
+        }
+    }
+
+    #[test]
+    fn fast_path_takes_plain_tcp_and_udp_and_agrees() {
+        let syn = tcp_syn_v4();
+        assert!(parse_ipv4_fast(&syn, 0).is_some());
+        let mut udp = Vec::new();
+        PacketBuilder::ipv4(CLIENT, VIP, 64)
+            .udp(1, 2)
+            .write(&mut udp, b"x")
+            .unwrap();
+        assert!(parse_ipv4_fast(&udp, 0).is_some());
+        assert!(parse_ipv4_fast(&ethernet(ETHERTYPE_IPV4, 0, &syn), 14).is_some());
+        for f in [syn, udp] {
+            assert_paths_agree(&f);
+        }
+    }
+
     proptest! {
+        #[test]
+        fn fast_path_agrees_with_etherparse_on_mutations(which in 0usize..4, at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let (mut frame, _) = valid_frames().swap_remove(which);
+            let at = at.index(frame.len());
+            frame[at] = byte;
+            assert_paths_agree(&frame);
+        }
+
+        #[test]
+        fn fast_path_agrees_with_etherparse_on_tcp_and_udp(
+            sport in any::<u16>(), dport in any::<u16>(), payload in prop::collection::vec(any::<u8>(), 0..64),
+            udp in any::<bool>(), flags in any::<u8>(), df in any::<bool>(),
+        ) {
+            let mut out = Vec::new();
+            let b = PacketBuilder::ipv4(CLIENT, VIP, 64);
+            if udp {
+                b.udp(sport, dport).write(&mut out, &payload).unwrap();
+            } else {
+                b.tcp(sport, dport, 1, 1000).write(&mut out, &payload).unwrap();
+                out[33] = flags;
+            }
+            out[6] = if df { 0x40 } else { 0 };
+            prop_assert!(parse_ipv4_fast(&out, 0).is_some());
+            assert_paths_agree(&out);
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
             let _ = parse(&bytes, Link::Ip);

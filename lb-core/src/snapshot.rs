@@ -8,12 +8,15 @@
 //! - A snapshot is immutable once built.
 //! - VIP indices (`u16`) are positions in [`Snapshot::vips`], in config order. Backend indices
 //!   are positions in a VIP's table backend list, sorted by address (see `maglev`).
-//! - The VIP map hashes with xxh3 (`Xxh3Builder`), never `std`'s `RandomState`.
+//! - The VIP maps hash with xxh3 (one-shot for the per-packet map), never `std`'s `RandomState`.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::net::IpAddr;
 
 use xxhash_rust::xxh3::Xxh3Builder;
+
+use crate::hash::xxh3;
 
 use crate::config::{Config, Encap, PortSpec, Unmatched};
 use crate::maglev::{MaglevTable, TableError, WeightedBackend};
@@ -68,12 +71,42 @@ pub struct NodeSettings {
 }
 
 /// The key of an exact VIP match; `port` 0 stands for "all ports".
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct VipKey {
     address: IpAddr,
     protocol: u8,
     port: u16,
 }
+
+/// One buffer, one hash: the derived `Hash` would feed the enum field by field (measured: 210
+/// instructions a lookup; this way about 40).
+impl Hash for VipKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let mut bytes = [0u8; 19];
+        bytes[..16].copy_from_slice(&match self.address {
+            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            IpAddr::V6(a) => a.octets(),
+        });
+        bytes[16] = self.protocol;
+        bytes[17..].copy_from_slice(&self.port.to_be_bytes());
+        state.write(&bytes);
+    }
+}
+
+/// A hasher for keys that write themselves in one piece: one-shot xxh3 (fixed seed) per write.
+#[derive(Clone, Copy, Debug, Default)]
+struct OneShot(u64);
+
+impl Hasher for OneShot {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = xxh3(bytes, self.0 ^ 0x6c62_7669_706d_6170);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type OneShotBuild = BuildHasherDefault<OneShot>;
 
 /// A config compiled for the hot path.
 #[derive(Clone, Debug)]
@@ -84,7 +117,7 @@ pub struct Snapshot {
     pub node: NodeSettings,
     /// The VIPs, in config order.
     pub vips: Vec<Vip>,
-    by_key: HashMap<VipKey, u16, Xxh3Builder>,
+    by_key: HashMap<VipKey, u16, OneShotBuild>,
     /// For fragments, which carry no port: the VIP of an (address, protocol), if one is clear.
     by_address: HashMap<(IpAddr, u8), u16, Xxh3Builder>,
 }
@@ -93,7 +126,7 @@ impl Snapshot {
     /// Compiles a validated config: builds every table. Not for the hot path.
     pub fn compile(config: &Config, generation: u64) -> Result<Self, TableError> {
         let mut vips = Vec::with_capacity(config.vips.len());
-        let mut by_key = HashMap::with_hasher(Xxh3Builder::new());
+        let mut by_key = HashMap::with_hasher(OneShotBuild::default());
         for (i, v) in config.vips.iter().enumerate() {
             let table = v.table()?;
             let port = match v.port {
