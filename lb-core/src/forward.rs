@@ -294,11 +294,11 @@ fn decide(
         Kind::Fragment { flow } => {
             match snapshot.match_vip_of_fragment(flow.dst(), flow.protocol()) {
                 Some(v) => (flow, v, false),
-                None if snapshot.match_vip(flow.dst(), flow.protocol(), 0).is_none()
-                    && snapshot
-                        .vips
-                        .iter()
-                        .any(|v| v.address == flow.dst() && v.protocol == flow.protocol()) =>
+                // No clear VIP, yet VIPs on this address and protocol: several port VIPs.
+                None if snapshot
+                    .vips
+                    .iter()
+                    .any(|v| v.address == flow.dst() && v.protocol == flow.protocol()) =>
                 {
                     return Action::Drop(DropReason::FragmentVipAmbiguous);
                 }
@@ -457,8 +457,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::conntrack::ConnTableConfig;
-    use crate::flow::{PROTO_TCP, PROTO_UDP};
-    use crate::packet::PROTO_ICMP;
+    use crate::flow::PROTO_TCP;
     use etherparse::{Icmpv4Slice, Icmpv6Slice, IpNumber, Ipv4HeaderSlice, Ipv6HeaderSlice};
     use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -592,9 +591,9 @@ mod tests {
         out
     }
 
-    fn with_df(mut ip: Vec<u8>, df: bool) -> Vec<u8> {
-        ip[6] = if df { 0x40 } else { 0 };
-        ip[7] = 0;
+    /// Sets the IPv4 flags-and-fragment-offset field and fixes the header checksum.
+    fn with_flags(mut ip: Vec<u8>, flags_fragment: u16) -> Vec<u8> {
+        ip[6..8].copy_from_slice(&flags_fragment.to_be_bytes());
         ip[10..12].fill(0);
         let sum = Ipv4HeaderSlice::from_slice(&ip)
             .unwrap()
@@ -602,6 +601,10 @@ mod tests {
             .calc_header_checksum();
         ip[10..12].copy_from_slice(&sum.to_be_bytes());
         ip
+    }
+
+    fn with_df(ip: Vec<u8>, df: bool) -> Vec<u8> {
+        with_flags(ip, if df { 0x4000 } else { 0 })
     }
 
     fn run(
@@ -872,19 +875,8 @@ mod tests {
     fn fragments_of_a_datagram_reach_one_backend_untracked() {
         let s = snapshot(CONFIG);
         let mut state = worker();
-        let mut first = udp4(5353, 53);
-        first[6] = 0x20; // MF
-        let mut later = udp4(5353, 53);
-        later[6] = 0x00;
-        later[7] = 0x02; // offset 16 bytes
-        for f in [&mut first, &mut later] {
-            f[10..12].fill(0);
-            let sum = Ipv4HeaderSlice::from_slice(f)
-                .unwrap()
-                .to_header()
-                .calc_header_checksum();
-            f[10..12].copy_from_slice(&sum.to_be_bytes());
-        }
+        let first = with_flags(udp4(5353, 53), 0x2000); // MF, offset 0
+        let later = with_flags(udp4(5353, 53), 2); // offset 16 bytes
         let a = run(&s, &mut state, &first, 0).0;
         let b = run(&s, &mut state, &later, 0).0;
         assert!(matches!(a, Action::Encap { vip: 4, .. }), "{a:?}");
@@ -893,6 +885,23 @@ mod tests {
             state.conntrack.occupancy().trusted + state.conntrack.occupancy().untrusted,
             0
         );
+    }
+
+    #[test]
+    fn fragments_to_an_address_with_several_port_vips_are_dropped_as_ambiguous() {
+        let s = snapshot(CONFIG); // TCP ports 80 and 81 on 198.18.100.1
+        let mut state = worker();
+        let fragment = with_flags(tcp4(CLIENT, VIP, 40000, 80, false, 64), 0x2000);
+        assert_eq!(
+            run(&s, &mut state, &fragment, 0).0,
+            Action::Drop(DropReason::FragmentVipAmbiguous)
+        );
+        // A fragment to an address with no VIP of its protocol is simply unmatched.
+        let elsewhere = with_flags(
+            tcp4(CLIENT, [198, 18, 100, 77], 40000, 80, false, 64),
+            0x2000,
+        );
+        assert_eq!(run(&s, &mut state, &elsewhere, 0).0, Action::Pass);
     }
 
     #[test]
@@ -1095,7 +1104,5 @@ mod tests {
             run(&s, &mut state, &tcp4(CLIENT, VIP, 1, 81, true, 0), 0).0,
             Action::Drop(DropReason::NoBackend)
         );
-        let _ = PROTO_UDP;
-        let _ = PROTO_ICMP;
     }
 }
