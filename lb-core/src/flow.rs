@@ -1,7 +1,7 @@
 //! [`FlowKey`]: the 5-tuple that identifies a connection, and its fleet-stable hash.
 //!
 //! Invariant: [`FlowKey::hash`] is a pure function of the five fields, computed with xxh3 and the
-//! fixed [`FLOW_SEED`](crate::hash::FLOW_SEED) over a documented byte layout. Every mux therefore
+//! fixed [`FLOW_SEED`] over a documented byte layout. Every mux therefore
 //! sends a given flow to the same table slot, and so (with the same table) to the same backend.
 //!
 //! Byte layout hashed (all integers big-endian, as on the wire):

@@ -476,7 +476,7 @@ struct Cursor {
 /// Builds Maglev tables, keeping its scratch buffers (cursors, filled-slot bitmap, remaining
 /// empty slots) between builds so that rebuilding allocates nothing once warm.
 ///
-/// The per-backend state is split by use: [`Cursor`]s are read on every turn, the weight
+/// The per-backend state is split by use: the cursors are read on every turn, the weight
 /// accumulators only when weights differ, the inverses only in the tail phase.
 #[derive(Debug, Default)]
 pub struct MaglevBuilder {

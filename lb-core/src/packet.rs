@@ -154,7 +154,7 @@ impl Kind {
 /// Parses one frame. Never panics; see the module docs for what each [`Kind`] means.
 ///
 /// The common case, IPv4 without options carrying unfragmented TCP or UDP, is read directly
-/// ([`parse_ipv4_fast`]); everything else, including every malformed frame, goes through
+/// (`parse_ipv4_fast`); everything else, including every malformed frame, goes through
 /// etherparse. `tests::fast_path_agrees_with_etherparse` checks the two agree.
 #[inline]
 pub fn parse(frame: &[u8], link: Link) -> Result<Parsed<'_>, ParseError> {
