@@ -1,7 +1,7 @@
 //! The `lb` command-line tool's commands, as a library so that benches and tests share them.
 //!
 //! - [`table`]: `lb table` and `lb table diff`, the operator's view of Maglev tables.
-//! - [`bench`]: `lb bench table`, and the deterministic inputs the criterion benches use too.
+//! - [`bench`](mod@bench): `lb bench table`, and the deterministic inputs the criterion benches use too.
 //!
 //! Commands write to a caller-given `Write`, never to stdout directly, so output is testable
 //! and a closed pipe (`lb table … | head`) ends the command quietly instead of panicking.
