@@ -108,6 +108,24 @@ impl Hasher for OneShot {
 
 type OneShotBuild = BuildHasherDefault<OneShot>;
 
+/// Up to this many VIP keys, [`Snapshot::match_vip`] scans a packed array instead of hashing.
+const LINEAR_VIPS: usize = 16;
+
+/// A VIP key as two integers: the address (IPv4 as IPv4-mapped IPv6), and the family (bit 24,
+/// so that an IPv6 packet to `::ffff:a.b.c.d` never matches an IPv4 VIP), protocol and port.
+type PackedVipKey = (u128, u32);
+
+fn pack(address: IpAddr, protocol: u8, port: u16) -> PackedVipKey {
+    let (address, family) = match address {
+        IpAddr::V4(a) => (a.to_ipv6_mapped(), 0),
+        IpAddr::V6(a) => (a, 1 << 24),
+    };
+    (
+        u128::from(address),
+        family | u32::from(protocol) << 16 | u32::from(port),
+    )
+}
+
 /// A config compiled for the hot path.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
@@ -118,6 +136,9 @@ pub struct Snapshot {
     /// The VIPs, in config order.
     pub vips: Vec<Vip>,
     by_key: HashMap<VipKey, u16, OneShotBuild>,
+    /// The same keys packed for a linear scan, when there are at most [`LINEAR_VIPS`]: cheaper
+    /// than hashing for a few VIPs. Empty when there are more.
+    linear: Vec<(PackedVipKey, u16)>,
     /// For fragments, which carry no port: the VIP of an (address, protocol), if one is clear.
     by_address: HashMap<(IpAddr, u8), u16, Xxh3Builder>,
 }
@@ -175,11 +196,22 @@ impl Snapshot {
             ttl: config.node.ttl,
             unmatched: config.node.unmatched,
         };
+        let linear = if by_key.len() <= LINEAR_VIPS {
+            let mut keys: Vec<_> = by_key
+                .iter()
+                .map(|(k, &i)| (pack(k.address, k.protocol, k.port), i))
+                .collect();
+            keys.sort_unstable();
+            keys
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             generation,
             node,
             vips,
             by_key,
+            linear,
             by_address,
         })
     }
@@ -189,6 +221,21 @@ impl Snapshot {
     #[inline]
     #[must_use]
     pub fn match_vip(&self, dst: IpAddr, protocol: u8, dst_port: u16) -> Option<u16> {
+        if !self.linear.is_empty() {
+            let (address, exact) = pack(dst, protocol, dst_port);
+            let any_port = exact & !0xffff;
+            let find = |want: u32| {
+                self.linear
+                    .iter()
+                    .find(|((a, k), _)| *a == address && *k == want)
+                    .map(|&(_, i)| i)
+            };
+            return if dst_port != 0 {
+                find(exact).or_else(|| find(any_port))
+            } else {
+                find(any_port)
+            };
+        }
         let key = VipKey {
             address: dst,
             protocol,
@@ -303,6 +350,36 @@ mod tests {
             s.match_vip_of_fragment("198.18.100.1".parse().unwrap(), PROTO_TCP),
             None
         );
+    }
+
+    #[test]
+    fn linear_scan_and_hash_map_agree() {
+        let mut s = snapshot();
+        assert!(!s.linear.is_empty(), "two VIPs use the linear scan");
+        let addresses: [IpAddr; 3] = [
+            "198.18.100.1".parse().unwrap(),
+            "198.18.100.2".parse().unwrap(),
+            "::ffff:198.18.100.1".parse().unwrap(),
+        ];
+        let mut probes = Vec::new();
+        for a in addresses {
+            for p in [PROTO_TCP, PROTO_UDP, 1] {
+                for port in [0u16, 53, 80, 81] {
+                    probes.push((a, p, port));
+                }
+            }
+        }
+        let linear: Vec<_> = probes
+            .iter()
+            .map(|&(a, p, port)| s.match_vip(a, p, port))
+            .collect();
+        s.linear.clear();
+        let hashed: Vec<_> = probes
+            .iter()
+            .map(|&(a, p, port)| s.match_vip(a, p, port))
+            .collect();
+        assert_eq!(linear, hashed);
+        assert!(linear.iter().filter(|m| m.is_some()).count() >= 4);
     }
 
     #[test]
