@@ -39,6 +39,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+// GRE's protocol type field holds an EtherType (RFC 2784 §2.4).
+use crate::packet::{ETHERTYPE_IPV4, ETHERTYPE_IPV6};
+
 /// Length of an IPv4 header without options.
 pub const IPV4_HEADER_LEN: usize = 20;
 /// Length of the fixed IPv6 header.
@@ -54,11 +57,6 @@ pub const PROTO_IPIP: u8 = 4;
 pub const PROTO_IPV6: u8 = 41;
 /// IP protocol number of GRE (RFC 2784).
 pub const PROTO_GRE: u8 = 47;
-
-/// GRE protocol type (an EtherType) of an IPv4 payload.
-pub const GRE_PROTO_IPV4: u16 = 0x0800;
-/// GRE protocol type (an EtherType) of an IPv6 payload.
-pub const GRE_PROTO_IPV6: u16 = 0x86DD;
 
 /// GRE checksum-present bit (C, bit 0).
 const GRE_FLAG_C: u16 = 0x8000;
@@ -357,9 +355,9 @@ pub fn encapsulate(
     if let EncapKind::Gre { key } = params.kind {
         let flags = if key.is_some() { GRE_FLAG_K } else { 0 };
         let protocol_type = if inner_is_v6 {
-            GRE_PROTO_IPV6
+            ETHERTYPE_IPV6
         } else {
-            GRE_PROTO_IPV4
+            ETHERTYPE_IPV4
         };
         gre[0..2].copy_from_slice(&flags.to_be_bytes());
         gre[2..4].copy_from_slice(&protocol_type.to_be_bytes());
@@ -655,8 +653,8 @@ fn gre(packet: &[u8]) -> Result<(u8, Option<u32>, &[u8]), DecapError> {
         ])
     });
     let expected = match be16(packet, 2) {
-        GRE_PROTO_IPV4 => 4,
-        GRE_PROTO_IPV6 => 6,
+        ETHERTYPE_IPV4 => 4,
+        ETHERTYPE_IPV6 => 6,
         protocol_type => return Err(DecapError::GreProtocol { protocol_type }),
     };
     Ok((expected, key, &packet[header_len..]))
@@ -1130,7 +1128,7 @@ mod tests {
         // C, K and S: checksum + reserved1, key, sequence number.
         let mut packet = gre_over_ipv4(
             0xB000,
-            GRE_PROTO_IPV6,
+            ETHERTYPE_IPV6,
             &[0, 0, 0, 0, 0, 0, 0, 42, 0, 0, 0, 9],
             &inner,
         );
@@ -1153,18 +1151,18 @@ mod tests {
         let cases = [
             (
                 0x0001,
-                GRE_PROTO_IPV4,
+                ETHERTYPE_IPV4,
                 DecapError::GreVersion { version: 1 },
             ),
-            (0x4000, GRE_PROTO_IPV4, DecapError::GreRouting),
+            (0x4000, ETHERTYPE_IPV4, DecapError::GreRouting),
             (
                 0x0800,
-                GRE_PROTO_IPV4,
+                ETHERTYPE_IPV4,
                 DecapError::GreReservedFlags { flags: 0x0800 },
             ),
             (
                 0x0400,
-                GRE_PROTO_IPV4,
+                ETHERTYPE_IPV4,
                 DecapError::GreReservedFlags { flags: 0x0400 },
             ),
             (
@@ -1176,7 +1174,7 @@ mod tests {
             ),
             (
                 0x0000,
-                GRE_PROTO_IPV6,
+                ETHERTYPE_IPV6,
                 DecapError::InnerVersionMismatch {
                     expected: 6,
                     found: 4,
@@ -1188,7 +1186,7 @@ mod tests {
             assert_eq!(decapsulate(&packet), Err(expected), "flags {flags:#06x}");
         }
         // Bits 6-12 are ignored on receipt (RFC 2784 section 2.3).
-        let packet = gre_over_ipv4(0x03F8, GRE_PROTO_IPV4, &[], &inner);
+        let packet = gre_over_ipv4(0x03F8, ETHERTYPE_IPV4, &[], &inner);
         assert_eq!(decapsulate(&packet).map(|d| d.inner), Ok(inner.as_slice()));
     }
 
