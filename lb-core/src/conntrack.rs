@@ -92,7 +92,7 @@ pub struct Tracked {
     pub backend: u16,
     /// Index of the VIP.
     pub vip: u16,
-    /// A tag of the backend's address (`forward::backend_tag`): a reload may renumber the
+    /// A tag of the backend's address (`snapshot::backend_tag`): a reload may renumber the
     /// backends, and the tag tells whether the index still names the same one.
     pub backend_tag: u32,
 }

@@ -27,7 +27,6 @@ use crate::config::{Encap, Unmatched};
 use crate::conntrack::{ConnTable, Tracked};
 use crate::encap::{self, EncapKind, EncapParams};
 use crate::flow::FlowKey;
-use crate::hash::xxh3;
 use crate::packet::{self, Kind, Layer, Link, ParseError, Parsed};
 use crate::snapshot::{Snapshot, Vip};
 
@@ -89,11 +88,10 @@ impl DropReason {
         }
     }
 
+    /// The counter index: the declaration order, which [`Self::ALL`] follows
+    /// (`tests::drop_reasons_are_indexed_in_order`). No search per drop.
     fn index(self) -> usize {
-        Self::ALL
-            .iter()
-            .position(|&r| r == self)
-            .unwrap_or(Self::ALL.len() - 1)
+        self as usize
     }
 
     fn of_parse_error(e: ParseError) -> Self {
@@ -218,17 +216,6 @@ impl WorkerState {
             too_big_limiter: RateLimiter::new(100, 10),
         }
     }
-}
-
-/// A 32-bit tag of a backend's address. A tracked flow keeps its backend only while the
-/// snapshot's backend at the tracked index has the same tag: a reload may renumber backends.
-#[must_use]
-pub fn backend_tag(address: IpAddr) -> u32 {
-    let bytes = match address {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        IpAddr::V6(a) => a.octets(),
-    };
-    (xxh3(&bytes, 0x6c62_2d74_6167_0000) >> 32) as u32
 }
 
 /// Decides what to do with `frame`, writing any packet to send into `out` (which must hold
@@ -370,20 +357,17 @@ fn choose_backend(
     state: &mut WorkerState,
     now: u64,
 ) -> Option<u16> {
-    if tracked && let Some(t) = state.conntrack.lookup(flow, hash, now) {
-        // Still in the table: same VIP, and the backend at that index is the one tracked. A
-        // drained backend (weight 0) stays in the list, so its tracked flows continue.
-        let still_there = t.vip == vip_index
-            && vip
-                .backend(t.backend)
-                .is_some_and(|b| backend_tag(b.id.0) == t.backend_tag);
-        if still_there {
-            return Some(t.backend);
-        }
+    // A drained backend (weight 0) stays in the table's list, so its tracked flows continue.
+    if tracked
+        && let Some(t) = state.conntrack.lookup(flow, hash, now)
+        && t.vip == vip_index
+        && vip.still_serves(t.backend, t.backend_tag)
+    {
+        return Some(t.backend);
     }
     let backend = vip.table.lookup(hash)?;
     if tracked && !is_icmp_error {
-        let tag = vip.backend(backend).map_or(0, |b| backend_tag(b.id.0));
+        let tag = vip.backend_tag(backend).unwrap_or(0);
         // A full table (InsertOutcome::Full, counted by the table) is not a drop: the flow is
         // then steered by the Maglev table alone (Maglev §3.3).
         let _ = state.conntrack.insert(
@@ -732,6 +716,13 @@ mod tests {
                 output_hex: "6000000000392f3f20010db800110000000000000000000220010db8002200000000000000000002000086dd60000000000d114020010db800010000000000000000000220010db801000000000000000000000114e90035000d3e587175657279",
             },
         ]
+    }
+
+    #[test]
+    fn drop_reasons_are_indexed_in_order() {
+        for (i, reason) in DropReason::ALL.into_iter().enumerate() {
+            assert_eq!(reason.index(), i, "{reason:?}");
+        }
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct Vip {
     pub table: MaglevTable,
     /// The table's fingerprint, computed once.
     pub fingerprint: u64,
+    /// [`backend_tag`] of each of the table's backends, in the same order.
+    backend_tags: Vec<u32>,
 }
 
 impl Vip {
@@ -47,12 +49,32 @@ impl Vip {
         self.table.backends().get(usize::from(index))
     }
 
-    /// Whether a tracked flow may keep using `index`: the backend is still in the table. A
-    /// drained backend (weight 0) keeps its tracked flows; one removed from the config does not.
+    /// The [`backend_tag`] of the backend at `index`, computed once per snapshot.
+    #[inline]
     #[must_use]
-    pub fn still_serves(&self, index: u16, address: IpAddr) -> bool {
-        self.backend(index).is_some_and(|b| b.id.0 == address)
+    pub fn backend_tag(&self, index: u16) -> Option<u32> {
+        self.backend_tags.get(usize::from(index)).copied()
     }
+
+    /// Whether a tracked flow may keep using `index`: the backend at that index is still the one
+    /// tracked (same tag), so it is still in the table. A drained backend (weight 0) keeps its
+    /// tracked flows; one removed from the config does not.
+    #[inline]
+    #[must_use]
+    pub fn still_serves(&self, index: u16, tag: u32) -> bool {
+        self.backend_tag(index) == Some(tag)
+    }
+}
+
+/// A 32-bit tag of a backend's address. A tracked flow keeps its backend only while the
+/// snapshot's backend at the tracked index has the same tag: a reload may renumber backends.
+#[must_use]
+pub fn backend_tag(address: IpAddr) -> u32 {
+    let bytes = match address {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    };
+    (xxh3(&bytes, 0x6c62_2d74_6167_0000) >> 32) as u32
 }
 
 /// The node's settings the hot path uses.
@@ -171,6 +193,11 @@ impl Snapshot {
                 port: v.port,
                 encap: v.encap,
                 fingerprint: table.fingerprint(),
+                backend_tags: table
+                    .backends()
+                    .iter()
+                    .map(|b| backend_tag(b.id.0))
+                    .collect(),
                 table,
             });
         }
@@ -385,9 +412,9 @@ mod tests {
     #[test]
     fn tracked_backend_must_still_be_in_the_table() {
         let s = snapshot();
-        let be: IpAddr = "198.18.21.2".parse().unwrap();
+        let be = backend_tag("198.18.21.2".parse().unwrap());
         assert!(s.vips[0].still_serves(0, be));
-        assert!(!s.vips[0].still_serves(0, "198.18.29.9".parse().unwrap()));
+        assert!(!s.vips[0].still_serves(0, backend_tag("198.18.29.9".parse().unwrap())));
         assert!(!s.vips[0].still_serves(5, be));
     }
 }
