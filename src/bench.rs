@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use comfy_table::{CellAlignment, Table, presets::UTF8_FULL_CONDENSED};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use indicatif::{ProgressBar, ProgressStyle};
 use lb_core::FlowKey;
 use lb_core::flow::PROTO_TCP;
@@ -327,11 +327,7 @@ pub fn write_text(results: &[CaseResult], summary: &Summary, out: &mut dyn Write
             format!("{:.2} %", 100.0 / f64::from(r.n)),
         ]);
     }
-    for col in 1..8 {
-        if let Some(c) = t.column_mut(col) {
-            c.set_cell_alignment(CellAlignment::Right);
-        }
-    }
+    crate::table::right_align(&mut t, 1..8);
     writeln!(out, "{t}")?;
     writeln!(
         out,

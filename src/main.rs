@@ -80,10 +80,6 @@ enum BenchCommand {
     },
 }
 
-fn load(path: &PathBuf) -> anyhow::Result<Config> {
-    Ok(Config::load(path)?)
-}
-
 fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::CheckConfig { files } => {
@@ -112,7 +108,7 @@ fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             diff: Some(TableCommand::Diff { old, new, json }),
             ..
         }) => {
-            table::diff(&load(&old)?, &load(&new)?, json, out)?;
+            table::diff(&Config::load(&old)?, &Config::load(&new)?, json, out)?;
         }
         Command::Table(TableArgs {
             diff: None,
@@ -121,7 +117,7 @@ fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             json,
         }) => {
             let config = config.expect("clap requires CONFIG without a subcommand");
-            table::show(&load(&config)?, vip.as_deref(), json, out)?;
+            table::show(&Config::load(&config)?, vip.as_deref(), json, out)?;
         }
         Command::Bench {
             what: BenchCommand::Table { quick, json },

@@ -95,11 +95,7 @@ impl<'a> VipReport<'a> {
                 format!("{:.3} %", 100.0 * f64::from(s) / size),
             ]);
         }
-        for col in 2..5 {
-            if let Some(c) = t.column_mut(col) {
-                c.set_cell_alignment(CellAlignment::Right);
-            }
-        }
+        right_align(&mut t, 2..5);
         writeln!(out, "{t}")?;
         match self.max_over_min() {
             Some(r) => writeln!(out, "balance: max/min slots per unit of weight = {r:.4}")?,
@@ -109,6 +105,15 @@ impl<'a> VipReport<'a> {
             )?,
         }
         Ok(())
+    }
+}
+
+/// Right-aligns the numeric `columns` of a text table.
+pub(crate) fn right_align(t: &mut Table, columns: std::ops::Range<usize>) {
+    for col in columns {
+        if let Some(c) = t.column_mut(col) {
+            c.set_cell_alignment(CellAlignment::Right);
+        }
     }
 }
 
@@ -244,11 +249,7 @@ fn write_diff_text(name: &str, status: &str, d: &TableDiff, out: &mut dyn Write)
         ]);
     }
     if t.row_count() > 0 {
-        for col in 1..5 {
-            if let Some(c) = t.column_mut(col) {
-                c.set_cell_alignment(CellAlignment::Right);
-            }
-        }
+        right_align(&mut t, 1..5);
         writeln!(out, "{t}")?;
     }
     Ok(())

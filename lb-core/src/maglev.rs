@@ -171,14 +171,6 @@ pub fn nearest_primes(n: u32) -> (u32, u32) {
     (below, above)
 }
 
-/// Checks a size and a backend list, as [`MaglevBuilder::build_into`] requires.
-pub fn validate(size: u32, backends: &[WeightedBackend]) -> Result<(), TableError> {
-    validate_sizes(size, backends)?;
-    let mut sorted = backends.to_vec();
-    sorted.sort_unstable_by_key(|b| b.id);
-    check_unique(&sorted)
-}
-
 /// Checks that a list sorted by identity names no backend twice.
 fn check_unique(sorted: &[WeightedBackend]) -> Result<(), TableError> {
     match sorted.windows(2).find(|w| w[0].id == w[1].id) {
@@ -187,7 +179,8 @@ fn check_unique(sorted: &[WeightedBackend]) -> Result<(), TableError> {
     }
 }
 
-/// The checks of [`validate`] that need no sorted copy.
+/// The checks of a size and a backend list that need no sorted copy (uniqueness is checked on
+/// the list [`MaglevBuilder::build_into`] sorts anyway: [`check_unique`]).
 fn validate_sizes(size: u32, backends: &[WeightedBackend]) -> Result<(), TableError> {
     if !(2..=MAX_TABLE_SIZE).contains(&size) {
         return Err(TableError::SizeOutOfRange { size });
@@ -270,9 +263,7 @@ impl MaglevTable {
     #[inline]
     #[must_use]
     pub fn lookup(&self, flow_hash: u64) -> Option<u16> {
-        self.slots
-            .get(fast_range(flow_hash, self.size) as usize)
-            .copied()
+        self.slots.get(self.slot_of(flow_hash) as usize).copied()
     }
 
     /// The backend for a flow hash, or `None` when the table is empty.
