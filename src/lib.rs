@@ -7,4 +7,5 @@
 //! and a closed pipe (`lb table … | head`) ends the command quietly instead of panicking.
 
 pub mod bench;
+pub mod netns;
 pub mod table;

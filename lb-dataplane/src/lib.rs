@@ -1,12 +1,15 @@
-//! `lb-dataplane`: packet I/O and the processes built on it: `lb mux` and `lb agent`.
+//! `lb-dataplane`: packet I/O and the processes built on it, `lb mux` (and later `lb agent`).
 //!
-//! **Status: empty.** The crate exists so that the workspace has its final shape; it holds no
-//! code yet. Its contents arrive with the issues that build them, on top of `lb-core`:
-//! - a packet-device trait with AF_PACKET (TPACKET_V3 rings, `PACKET_FANOUT_HASH`), TUN, raw
-//!   socket and in-memory implementations;
-//! - worker threads that each own their connection table and counters, reading the config
-//!   `Snapshot` once per batch (arc-swap), so a packet sees one config, never a mix;
-//! - the control socket (Unix, line-delimited JSON) and the Prometheus metrics exporter.
+//! - [`device`]: the [`device::Receiver`] / [`device::Transmitter`] traits the worker loop runs on.
+//! - [`afpacket`]: AF_PACKET TPACKET_V3 receive rings with `PACKET_FANOUT_HASH`.
+//! - [`rawip`]: batched transmission of IP packets on raw sockets (`sendmmsg`); the kernel's
+//!   routing and neighbour tables find the next hop.
+//! - [`memory`]: an in-memory device, so the whole worker loop runs under `cargo test` without
+//!   root.
 //!
 //! Invariant to keep: nothing on the per-packet path allocates, locks or makes a syscall per
 //! packet.
+
+pub mod afpacket;
+pub mod device;
+pub mod rawip;

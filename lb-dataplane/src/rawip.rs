@@ -1,0 +1,1 @@
+//! Batched transmission of IP packets on raw sockets (being written).
