@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::de::{self, Deserializer, Visitor};
@@ -67,6 +67,26 @@ pub struct NodeConfig {
     /// What to do with packets that match no VIP.
     #[serde(default)]
     pub unmatched: Unmatched,
+    /// Connection-table slots per worker (rounded up to a power of two).
+    #[serde(default = "default_conntrack_capacity")]
+    pub conntrack_capacity: u32,
+    /// The control socket (Unix, mode 0600) of `lb status` and the health-check sidecar;
+    /// default `/run/lb/<name>.sock`.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    /// Where the Prometheus exporter listens (`/metrics`); loopback by default.
+    #[serde(default = "default_metrics_address")]
+    pub metrics_address: SocketAddr,
+}
+
+impl NodeConfig {
+    /// The control socket's path: `control_socket`, or `/run/lb/<name>.sock`.
+    #[must_use]
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/run/lb/{}.sock", self.name)))
+    }
 }
 
 /// What happens to packets that match no VIP.
@@ -248,6 +268,17 @@ fn default_mtu() -> u16 {
 }
 fn default_ttl() -> u8 {
     64
+}
+/// Default connection-table slots per worker: 2^18 (about 15 MiB).
+pub const DEFAULT_CONNTRACK_CAPACITY: u32 = 1 << 18;
+fn default_conntrack_capacity() -> u32 {
+    DEFAULT_CONNTRACK_CAPACITY
+}
+/// Default Prometheus exporter address: loopback only.
+pub const DEFAULT_METRICS_ADDRESS: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9477);
+fn default_metrics_address() -> SocketAddr {
+    DEFAULT_METRICS_ADDRESS
 }
 fn default_table_size() -> u32 {
     DEFAULT_TABLE_SIZE
@@ -465,6 +496,36 @@ impl NodeConfig {
         }
         if self.name.trim().is_empty() {
             fail("node.name".into(), "the node name is empty".into());
+        } else if self.control_socket.is_none()
+            && !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            fail(
+                "node.name".into(),
+                format!(
+                    "{:?} cannot name the default control socket /run/lb/<name>.sock: use letters, digits, '-', '_', '.', or set node.control_socket",
+                    self.name
+                ),
+            );
+        }
+        if self.conntrack_capacity < 8 || self.conntrack_capacity > 1 << 26 {
+            fail(
+                "node.conntrack_capacity".into(),
+                format!(
+                    "{} slots is outside 8..=67108864 (2^26)",
+                    self.conntrack_capacity
+                ),
+            );
+        }
+        if let Some(path) = &self.control_socket
+            && path.as_os_str().is_empty()
+        {
+            fail(
+                "node.control_socket".into(),
+                "the control socket path is empty".into(),
+            );
         }
     }
 }

@@ -11,5 +11,12 @@
 //! packet.
 
 pub mod afpacket;
+pub mod control;
 pub mod device;
+pub mod exporter;
+pub mod memory;
 pub mod rawip;
+// pub mod mux;
+pub mod node;
+pub mod socket;
+pub mod worker;

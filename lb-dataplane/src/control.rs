@@ -1,0 +1,699 @@
+//! The control plane of a mux: the config in force, the operators' and the health checker's
+//! overrides (health, drain), reloads, and the answers of the control socket.
+//!
+//! Every change goes the same way: take the base config (the file) and the overrides, derive the
+//! effective config, validate it, compile a [`Snapshot`] off the hot path, and publish it with
+//! one arc-swap store. Workers adopt it at their next batch.
+//!
+//! **Invariants.**
+//! - A change that fails (bad file, unknown backend, table error) publishes nothing: the old
+//!   snapshot keeps serving, and the error names the file, field or backend.
+//! - The generation grows by one with each published snapshot; `lb status` and metrics show it
+//!   with each VIP's table fingerprint.
+//! - An unhealthy backend is removed from its VIP's table, so tracked flows to it are no longer
+//!   honoured; a drained backend has weight 0, so it gets no new flows but keeps tracked ones.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use lb_core::config::Config;
+use lb_core::forward::DropReason;
+use lb_core::hash::xxh3;
+use lb_core::snapshot::Snapshot;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::worker::{BackendKey, Shared, Traffic, WorkerReport};
+
+/// A control-socket request: one JSON object per line, `{"command": "...", ...}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// The node's state: generation, fingerprints, backends, counters.
+    Status,
+    /// Marks a backend healthy or not (the health-check sidecar). Without `vip`, every VIP that
+    /// has the backend.
+    SetHealth {
+        /// The backend's address.
+        backend: IpAddr,
+        /// Only this VIP.
+        #[serde(default)]
+        vip: Option<String>,
+        /// Its health.
+        healthy: bool,
+    },
+    /// Weight 0 for a backend: no new flows, tracked flows continue.
+    Drain {
+        /// The backend's address.
+        backend: IpAddr,
+        /// Only this VIP.
+        #[serde(default)]
+        vip: Option<String>,
+    },
+    /// Undoes [`Request::Drain`].
+    Undrain {
+        /// The backend's address.
+        backend: IpAddr,
+        /// Only this VIP.
+        #[serde(default)]
+        vip: Option<String>,
+    },
+    /// Reads the config file again.
+    Reload,
+}
+
+/// Health and drain state set at run time, per (VIP name, backend address).
+#[derive(Clone, Debug, Default)]
+struct Overrides {
+    unhealthy: BTreeSet<(String, IpAddr)>,
+    drained: BTreeSet<(String, IpAddr)>,
+}
+
+impl Overrides {
+    /// The effective config: unhealthy backends removed, drained ones at weight 0.
+    fn apply(&self, base: &Config) -> Config {
+        let mut effective = base.clone();
+        for vip in &mut effective.vips {
+            let name = vip.name.clone();
+            vip.backends
+                .retain(|b| !self.unhealthy.contains(&(name.clone(), b.address)));
+            for b in &mut vip.backends {
+                if self.drained.contains(&(name.clone(), b.address)) {
+                    b.weight = 0;
+                }
+            }
+        }
+        effective
+    }
+
+    /// Forgets overrides of backends the config no longer has.
+    fn prune(&mut self, config: &Config) {
+        let exists = |(vip, backend): &(String, IpAddr)| {
+            config
+                .vip(vip)
+                .is_some_and(|v| v.backends.iter().any(|b| b.address == *backend))
+        };
+        self.unhealthy.retain(exists);
+        self.drained.retain(exists);
+    }
+}
+
+struct Inner {
+    base: Config,
+    overrides: Overrides,
+    file_digest: Option<u64>,
+    reloads_ok: u64,
+    reloads_failed: u64,
+    last_error: Option<String>,
+}
+
+/// The control plane of one mux. Cheap to share (`Arc`); every method may be called from any
+/// thread (control-socket connections, the signal thread, the file watcher).
+pub struct ControlPlane {
+    config_path: PathBuf,
+    shared: Arc<Shared>,
+    inner: Mutex<Inner>,
+    workers: Mutex<Vec<Arc<Mutex<WorkerReport>>>>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("config_path", &self.config_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a control request failed.
+pub type ControlError = String;
+
+fn digest_of(path: &Path) -> Option<u64> {
+    std::fs::read(path).ok().map(|b| xxh3(&b, 0))
+}
+
+fn fingerprint_hex(f: u64) -> String {
+    format!("{f:#018x}")
+}
+
+impl ControlPlane {
+    /// Loads `config_path`, compiles generation 1, and returns the control plane with the
+    /// [`Shared`] state the workers read.
+    pub fn start(config_path: &Path) -> Result<(Arc<Self>, Arc<Shared>), ControlError> {
+        let file_digest = digest_of(config_path);
+        let base = Config::load(config_path).map_err(|e| e.to_string())?;
+        let snapshot =
+            Snapshot::compile(&base, 1).map_err(|e| format!("{}: {e}", config_path.display()))?;
+        let shared = Shared::new(snapshot);
+        let plane = Arc::new(Self {
+            config_path: config_path.to_owned(),
+            shared: Arc::clone(&shared),
+            inner: Mutex::new(Inner {
+                base,
+                overrides: Overrides::default(),
+                file_digest,
+                reloads_ok: 0,
+                reloads_failed: 0,
+                last_error: None,
+            }),
+            workers: Mutex::new(Vec::new()),
+            started: Instant::now(),
+        });
+        plane.log_published(&shared.snapshot.load(), "started");
+        Ok((plane, shared))
+    }
+
+    /// The config file.
+    #[must_use]
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The base config in force (the file as last loaded successfully).
+    #[must_use]
+    pub fn config(&self) -> Config {
+        self.lock().base.clone()
+    }
+
+    /// The shared state.
+    #[must_use]
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Registers a worker's report, for status and metrics.
+    pub fn add_worker(&self, report: Arc<Mutex<WorkerReport>>) {
+        self.workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(report);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Compiles `base` with `overrides` and publishes it; on error nothing changes.
+    fn publish(
+        &self,
+        inner: &mut Inner,
+        base: Config,
+        overrides: Overrides,
+        why: &str,
+    ) -> Result<u64, ControlError> {
+        let effective = overrides.apply(&base);
+        let problems = effective.validate();
+        if let Some(p) = problems.first() {
+            return Err(format!(
+                "{}: {p} (after applying health and drain)",
+                self.config_path.display()
+            ));
+        }
+        let generation = self.shared.snapshot.load().generation + 1;
+        let snapshot = Snapshot::compile(&effective, generation)
+            .map_err(|e| format!("{}: {e}", self.config_path.display()))?;
+        inner.base = base;
+        inner.overrides = overrides;
+        let snapshot = Arc::new(snapshot);
+        self.shared.snapshot.store(Arc::clone(&snapshot));
+        self.log_published(&snapshot, why);
+        Ok(generation)
+    }
+
+    fn log_published(&self, snapshot: &Snapshot, why: &str) {
+        for vip in &snapshot.vips {
+            tracing::info!(
+                generation = snapshot.generation,
+                vip = %vip.name,
+                backends = vip.table.backends().len(),
+                fingerprint = %fingerprint_hex(vip.fingerprint),
+                "published ({why})"
+            );
+        }
+    }
+
+    /// Reads the config file again; a bad file is rejected and logged, and the old snapshot
+    /// keeps serving. Returns the new generation.
+    pub fn reload(&self, trigger: &str) -> Result<u64, ControlError> {
+        let mut inner = self.lock();
+        inner.file_digest = digest_of(&self.config_path);
+        let result = Config::load(&self.config_path)
+            .map_err(|e| e.to_string())
+            .and_then(|base| {
+                let mut overrides = inner.overrides.clone();
+                overrides.prune(&base);
+                self.publish(&mut inner, base, overrides, trigger)
+            });
+        match &result {
+            Ok(generation) => {
+                inner.reloads_ok += 1;
+                inner.last_error = None;
+                tracing::info!(trigger, generation, "config reloaded");
+            }
+            Err(e) => {
+                inner.reloads_failed += 1;
+                inner.last_error = Some(e.clone());
+                tracing::error!(trigger, error = %e, "config rejected; the previous config keeps serving");
+            }
+        }
+        result
+    }
+
+    /// Reloads if the file's contents changed since the last load (the file watcher).
+    pub fn reload_if_changed(&self) -> Option<Result<u64, ControlError>> {
+        let now = digest_of(&self.config_path);
+        if now.is_none() || now == self.lock().file_digest {
+            return None;
+        }
+        Some(self.reload("file changed"))
+    }
+
+    /// The (VIP, backend) pairs a request names; an error if none.
+    fn targets(
+        base: &Config,
+        backend: IpAddr,
+        vip: Option<&str>,
+    ) -> Result<Vec<(String, IpAddr)>, ControlError> {
+        if let Some(name) = vip {
+            let v = base
+                .vip(name)
+                .ok_or_else(|| format!("no VIP named {name:?}"))?;
+            if !v.backends.iter().any(|b| b.address == backend) {
+                return Err(format!("VIP {name:?} has no backend {backend}"));
+            }
+            return Ok(vec![(name.to_owned(), backend)]);
+        }
+        let all: Vec<_> = base
+            .vips
+            .iter()
+            .filter(|v| v.backends.iter().any(|b| b.address == backend))
+            .map(|v| (v.name.clone(), backend))
+            .collect();
+        if all.is_empty() {
+            return Err(format!("no VIP has a backend {backend}"));
+        }
+        Ok(all)
+    }
+
+    fn change_overrides(
+        &self,
+        backend: IpAddr,
+        vip: Option<&str>,
+        why: &str,
+        change: impl Fn(&mut Overrides, (String, IpAddr)) -> bool,
+    ) -> Result<Value, ControlError> {
+        let mut inner = self.lock();
+        let targets = Self::targets(&inner.base, backend, vip)?;
+        let mut overrides = inner.overrides.clone();
+        let mut changed = false;
+        for t in targets {
+            changed |= change(&mut overrides, t);
+        }
+        if !changed {
+            let generation = self.shared.snapshot.load().generation;
+            return Ok(json!({"ok": true, "changed": false, "generation": generation}));
+        }
+        let base = inner.base.clone();
+        let generation = self.publish(&mut inner, base, overrides, why)?;
+        tracing::info!(%backend, vip = vip.unwrap_or("*"), generation, "{why}");
+        Ok(json!({"ok": true, "changed": true, "generation": generation}))
+    }
+
+    /// Executes one request; the answer is a JSON object with `"ok"`.
+    pub fn handle(&self, request: &Request) -> Value {
+        let result = match request {
+            Request::Status => Ok(self.status()),
+            Request::Reload => self
+                .reload("control socket")
+                .map(|generation| json!({"ok": true, "generation": generation})),
+            Request::SetHealth {
+                backend,
+                vip,
+                healthy,
+            } => self.change_overrides(
+                *backend,
+                vip.as_deref(),
+                if *healthy {
+                    "backend healthy"
+                } else {
+                    "backend unhealthy"
+                },
+                |o, t| {
+                    if *healthy {
+                        o.unhealthy.remove(&t)
+                    } else {
+                        o.unhealthy.insert(t)
+                    }
+                },
+            ),
+            Request::Drain { backend, vip } => {
+                self.change_overrides(*backend, vip.as_deref(), "backend drained", |o, t| {
+                    o.drained.insert(t)
+                })
+            }
+            Request::Undrain { backend, vip } => {
+                self.change_overrides(*backend, vip.as_deref(), "backend undrained", |o, t| {
+                    o.drained.remove(&t)
+                })
+            }
+        };
+        result.unwrap_or_else(|e| json!({"ok": false, "error": e}))
+    }
+
+    /// Parses and executes one request line; malformed input gets `{"ok": false, "error"}`.
+    pub fn handle_line(&self, line: &str) -> Value {
+        match serde_json::from_str::<Request>(line) {
+            Ok(request) => self.handle(&request),
+            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        }
+    }
+
+    /// Every worker's report, summed; with per-worker liveness.
+    #[must_use]
+    pub fn totals(&self) -> Totals {
+        let workers = self
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut totals = Totals::default();
+        for (id, w) in workers.iter().enumerate() {
+            let r = w.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            totals.add(id, &r);
+        }
+        totals
+    }
+
+    /// The answer to `status`.
+    #[must_use]
+    pub fn status(&self) -> Value {
+        let (base, overrides, reloads_ok, reloads_failed, last_error) = {
+            let inner = self.lock();
+            (
+                inner.base.clone(),
+                inner.overrides.clone(),
+                inner.reloads_ok,
+                inner.reloads_failed,
+                inner.last_error.clone(),
+            )
+        };
+        let snapshot = self.shared.snapshot.load_full();
+        let totals = self.totals();
+        let vips: Vec<Value> = base
+            .vips
+            .iter()
+            .map(|v| {
+                let compiled = snapshot.vips.iter().find(|c| c.name == v.name);
+                let mut slot_counts =
+                    vec![0usize; compiled.map_or(0, |c| c.table.backends().len())];
+                for &s in compiled.map_or(&[][..], |c| c.table.slots()) {
+                    if let Some(n) = slot_counts.get_mut(usize::from(s)) {
+                        *n += 1;
+                    }
+                }
+                let backends: Vec<Value> = v
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let key = (v.name.clone(), b.address);
+                        let healthy = !overrides.unhealthy.contains(&key);
+                        let drained = overrides.drained.contains(&key);
+                        let slots = compiled
+                            .and_then(|c| {
+                                c.table
+                                    .backends()
+                                    .iter()
+                                    .position(|wb| wb.id.0 == b.address)
+                            })
+                            .and_then(|i| slot_counts.get(i).copied())
+                            .unwrap_or(0);
+                        let traffic = totals
+                            .backends
+                            .get(&BackendKey {
+                                vip: v.name.clone(),
+                                backend: b.address,
+                            })
+                            .copied()
+                            .unwrap_or_default();
+                        json!({
+                            "address": b.address,
+                            "name": b.name,
+                            "weight": b.weight,
+                            "effective_weight": if healthy && !drained { b.weight } else { 0 },
+                            "healthy": healthy,
+                            "drained": drained,
+                            "slots": slots,
+                            "packets": traffic.packets,
+                            "bytes": traffic.bytes,
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": v.name,
+                    "address": v.address,
+                    "protocol": v.protocol,
+                    "port": v.port,
+                    "encap": v.encap,
+                    "table_size": v.table_size,
+                    "fingerprint": compiled.map(|c| fingerprint_hex(c.fingerprint)),
+                    "backends": backends,
+                })
+            })
+            .collect();
+        let drops: BTreeMap<&str, u64> = DropReason::ALL
+            .iter()
+            .map(|&r| (r.name(), totals.counters.dropped(r)))
+            .collect();
+        json!({
+            "ok": true,
+            "node": base.node.name,
+            "config": self.config_path,
+            "generation": snapshot.generation,
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "reloads": {"ok": reloads_ok, "failed": reloads_failed, "last_error": last_error},
+            "vips": vips,
+            "counters": {
+                "frames": totals.counters.packets,
+                "encapsulated": totals.counters.encapsulated,
+                "passed": totals.counters.passed,
+                "icmp_too_big_sent": totals.counters.icmp_too_big_sent,
+                "sent": totals.sent,
+                "send_failed": totals.send_failed,
+                "kernel_drops": totals.kernel_drops,
+                "device_errors": totals.device_errors,
+                "drops": drops,
+            },
+            "conntrack": {
+                "trusted": totals.trusted,
+                "untrusted": totals.untrusted,
+                "capacity": totals.capacity,
+                "hits": totals.conntrack.hits,
+                "misses": totals.conntrack.misses,
+                "evictions_untrusted": totals.conntrack.evictions_untrusted,
+                "evictions_expired": totals.conntrack.evictions_expired,
+                "full": totals.conntrack.full,
+            },
+            "workers": totals.workers.iter().map(|w| json!({
+                "id": w.id,
+                "generation": w.generation,
+                "batches": w.batches,
+                "frames": w.frames,
+                "largest_batch": w.largest_batch,
+                "last_seen_ms": w.last_seen_ms,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// One worker's liveness and batch figures.
+#[derive(Clone, Debug, Default)]
+pub struct WorkerSummary {
+    /// The worker's number.
+    pub id: usize,
+    /// The generation it last used.
+    pub generation: u64,
+    /// Batches with frames.
+    pub batches: u64,
+    /// Frames.
+    pub frames: u64,
+    /// Largest batch.
+    pub largest_batch: u64,
+    /// Milliseconds since its loop last went round (None: not yet).
+    pub last_seen_ms: Option<u64>,
+}
+
+/// Every worker's report, summed.
+#[derive(Clone, Debug, Default)]
+pub struct Totals {
+    /// Forwarding counters.
+    pub counters: lb_core::forward::Counters,
+    /// Connection-table events.
+    pub conntrack: lb_core::conntrack::ConnCounters,
+    /// Trusted entries.
+    pub trusted: u64,
+    /// Untrusted entries.
+    pub untrusted: u64,
+    /// Slots.
+    pub capacity: u64,
+    /// Sent packets.
+    pub sent: u64,
+    /// Packets the kernel refused.
+    pub send_failed: u64,
+    /// Frames dropped by the kernel before a worker saw them.
+    pub kernel_drops: u64,
+    /// Device errors.
+    pub device_errors: u64,
+    /// Per-backend traffic.
+    pub backends: BTreeMap<BackendKey, Traffic>,
+    /// Per worker.
+    pub workers: Vec<WorkerSummary>,
+}
+
+impl Totals {
+    fn add(&mut self, id: usize, r: &WorkerReport) {
+        let c = &mut self.counters;
+        c.packets += r.counters.packets;
+        c.encapsulated += r.counters.encapsulated;
+        c.passed += r.counters.passed;
+        c.icmp_too_big_sent += r.counters.icmp_too_big_sent;
+        for (sum, d) in c.drops.iter_mut().zip(r.counters.drops) {
+            *sum += d;
+        }
+        let k = &mut self.conntrack;
+        k.hits += r.conntrack.hits;
+        k.misses += r.conntrack.misses;
+        k.inserts += r.conntrack.inserts;
+        k.replacements += r.conntrack.replacements;
+        k.evictions_untrusted += r.conntrack.evictions_untrusted;
+        k.evictions_expired += r.conntrack.evictions_expired;
+        k.full += r.conntrack.full;
+        k.promotions += r.conntrack.promotions;
+        if let Some(o) = r.occupancy {
+            self.trusted += o.trusted as u64;
+            self.untrusted += o.untrusted as u64;
+            self.capacity += o.capacity as u64;
+        }
+        self.sent += r.sent;
+        self.send_failed += r.send_failed;
+        self.kernel_drops += r.kernel_drops;
+        self.device_errors += r.device_errors;
+        for (key, t) in &r.backends {
+            let sum = self.backends.entry(key.clone()).or_default();
+            sum.packets += t.packets;
+            sum.bytes += t.bytes;
+        }
+        self.workers.push(WorkerSummary {
+            id,
+            generation: r.generation,
+            batches: r.batches,
+            frames: r.counters.packets,
+            largest_batch: r.largest_batch,
+            last_seen_ms: r
+                .heartbeat
+                .map(|h| u64::try_from(h.elapsed().as_millis()).unwrap_or(u64::MAX)),
+        });
+    }
+}
+
+/// Renders a `status` answer for a terminal.
+#[must_use]
+pub fn render_status(status: &Value) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "node {}  generation {}  reloads ok {} failed {}",
+        status["node"].as_str().unwrap_or("?"),
+        status["generation"],
+        status["reloads"]["ok"],
+        status["reloads"]["failed"]
+    );
+    if let Some(e) = status["reloads"]["last_error"].as_str() {
+        let _ = writeln!(s, "last reload error: {e}");
+    }
+    for vip in status["vips"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "\nVIP {} {} {} port {} ({})  fingerprint {}",
+            vip["name"].as_str().unwrap_or("?"),
+            vip["address"].as_str().unwrap_or("?"),
+            vip["protocol"].as_str().unwrap_or("?"),
+            vip["port"],
+            vip["encap"].as_str().unwrap_or("?"),
+            vip["fingerprint"].as_str().unwrap_or("-"),
+        );
+        let _ = writeln!(
+            s,
+            "  {:<40} {:>6} {:>9} {:>8} {:>8} {:>7} {:>12} {:>14}",
+            "backend", "weight", "effective", "healthy", "drained", "slots", "packets", "bytes"
+        );
+        for b in vip["backends"].as_array().into_iter().flatten() {
+            let name = match b["name"].as_str() {
+                Some(n) => format!("{} ({n})", b["address"].as_str().unwrap_or("?")),
+                None => b["address"].as_str().unwrap_or("?").to_owned(),
+            };
+            let _ = writeln!(
+                s,
+                "  {:<40} {:>6} {:>9} {:>8} {:>8} {:>7} {:>12} {:>14}",
+                name,
+                b["weight"],
+                b["effective_weight"],
+                b["healthy"],
+                b["drained"],
+                b["slots"],
+                b["packets"],
+                b["bytes"]
+            );
+        }
+    }
+    let c = &status["counters"];
+    let _ = writeln!(
+        s,
+        "\nframes {}  encapsulated {}  passed {}  sent {}  send failed {}  kernel drops {}",
+        c["frames"], c["encapsulated"], c["passed"], c["sent"], c["send_failed"], c["kernel_drops"]
+    );
+    let drops: Vec<String> = c["drops"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.as_u64() != Some(0))
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect();
+    let _ = writeln!(
+        s,
+        "drops: {}",
+        if drops.is_empty() {
+            "none".to_owned()
+        } else {
+            drops.join(", ")
+        }
+    );
+    let k = &status["conntrack"];
+    let _ = writeln!(
+        s,
+        "conntrack: {} trusted, {} untrusted of {} slots; hits {} misses {} evictions {} full {}",
+        k["trusted"],
+        k["untrusted"],
+        k["capacity"],
+        k["hits"],
+        k["misses"],
+        k["evictions_untrusted"],
+        k["full"]
+    );
+    for w in status["workers"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "worker {}: generation {}, {} frames in {} batches (largest {}), last seen {} ms ago",
+            w["id"],
+            w["generation"],
+            w["frames"],
+            w["batches"],
+            w["largest_batch"],
+            w["last_seen_ms"]
+        );
+    }
+    s
+}

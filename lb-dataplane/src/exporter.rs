@@ -1,0 +1,116 @@
+//! Prometheus metrics (the `metrics` crate and its Prometheus exporter), served on
+//! `node.metrics_address` (loopback by default) at `/metrics`.
+//!
+//! Workers never touch the metrics registry: they publish [`crate::worker::WorkerReport`]s, and
+//! one thread here copies their sums into the registry every [`UPDATE_INTERVAL`]. Counters are
+//! set to the summed cumulative values (`absolute`), so a scrape sees monotonic counters.
+//!
+//! Metric names (all prefixed `lb_`): `frames_total`, `encapsulated_total`, `passed_total`,
+//! `icmp_too_big_sent_total`, `drops_total{reason}`, `backend_packets_total{vip,backend}`,
+//! `backend_bytes_total{vip,backend}`, `vip_packets_total{vip}`, `vip_bytes_total{vip}`,
+//! `conntrack_entries{class}`, `conntrack_capacity`, `conntrack_evictions_total{cause}`,
+//! `conntrack_lookups_total{result}`, `conntrack_full_total`, `sent_total`, `send_failed_total`,
+//! `kernel_drops_total`, `device_errors_total`, `reloads_total{result}`, `config_generation`,
+//! `table_info{vip,fingerprint}` (value 1), `worker_batches_total{worker}`,
+//! `worker_frames_total{worker}`, `worker_largest_batch{worker}`,
+//! `worker_last_seen_seconds{worker}`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::Duration;
+
+use lb_core::forward::DropReason;
+use metrics::{counter, gauge};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_util::MetricKindMask;
+
+use crate::control::ControlPlane;
+
+/// How often the registry is refreshed from the workers' reports.
+pub const UPDATE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Installs the exporter on `address` and starts the thread that refreshes it.
+pub fn start(plane: Arc<ControlPlane>, address: SocketAddr) -> Result<(), String> {
+    PrometheusBuilder::new()
+        .with_http_listener(address)
+        // A table's old fingerprint series disappears once a reload replaced it.
+        .idle_timeout(MetricKindMask::GAUGE, Some(10 * UPDATE_INTERVAL))
+        .install()
+        .map_err(|e| format!("metrics exporter on {address}: {e}"))?;
+    thread::Builder::new()
+        .name("lb-metrics".into())
+        .spawn(move || {
+            while !plane.shared().shutdown.load(Ordering::Relaxed) {
+                update(&plane);
+                thread::sleep(UPDATE_INTERVAL);
+            }
+        })
+        .map_err(|e| format!("metrics thread: {e}"))?;
+    tracing::info!(%address, "metrics exporter listening on /metrics");
+    Ok(())
+}
+
+/// Copies the current sums into the registry.
+pub fn update(plane: &ControlPlane) {
+    let totals = plane.totals();
+    let status = plane.status();
+    let c = &totals.counters;
+    counter!("lb_frames_total").absolute(c.packets);
+    counter!("lb_encapsulated_total").absolute(c.encapsulated);
+    counter!("lb_passed_total").absolute(c.passed);
+    counter!("lb_icmp_too_big_sent_total").absolute(c.icmp_too_big_sent);
+    for reason in DropReason::ALL {
+        counter!("lb_drops_total", "reason" => reason.name()).absolute(c.dropped(reason));
+    }
+    let mut per_vip: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for (key, t) in &totals.backends {
+        let backend = key.backend.to_string();
+        counter!("lb_backend_packets_total", "vip" => key.vip.clone(), "backend" => backend.clone())
+            .absolute(t.packets);
+        counter!("lb_backend_bytes_total", "vip" => key.vip.clone(), "backend" => backend)
+            .absolute(t.bytes);
+        let v = per_vip.entry(key.vip.as_str()).or_default();
+        v.0 += t.packets;
+        v.1 += t.bytes;
+    }
+    for (vip, (packets, bytes)) in per_vip {
+        counter!("lb_vip_packets_total", "vip" => vip.to_owned()).absolute(packets);
+        counter!("lb_vip_bytes_total", "vip" => vip.to_owned()).absolute(bytes);
+    }
+    gauge!("lb_conntrack_entries", "class" => "trusted").set(totals.trusted as f64);
+    gauge!("lb_conntrack_entries", "class" => "untrusted").set(totals.untrusted as f64);
+    gauge!("lb_conntrack_capacity").set(totals.capacity as f64);
+    let k = &totals.conntrack;
+    counter!("lb_conntrack_evictions_total", "cause" => "untrusted")
+        .absolute(k.evictions_untrusted);
+    counter!("lb_conntrack_evictions_total", "cause" => "expired").absolute(k.evictions_expired);
+    counter!("lb_conntrack_lookups_total", "result" => "hit").absolute(k.hits);
+    counter!("lb_conntrack_lookups_total", "result" => "miss").absolute(k.misses);
+    counter!("lb_conntrack_full_total").absolute(k.full);
+    counter!("lb_sent_total").absolute(totals.sent);
+    counter!("lb_send_failed_total").absolute(totals.send_failed);
+    counter!("lb_kernel_drops_total").absolute(totals.kernel_drops);
+    counter!("lb_device_errors_total").absolute(totals.device_errors);
+    counter!("lb_reloads_total", "result" => "ok")
+        .absolute(status["reloads"]["ok"].as_u64().unwrap_or(0));
+    counter!("lb_reloads_total", "result" => "failed")
+        .absolute(status["reloads"]["failed"].as_u64().unwrap_or(0));
+    let snapshot = plane.shared().snapshot.load();
+    gauge!("lb_config_generation").set(snapshot.generation as f64);
+    for vip in &snapshot.vips {
+        gauge!("lb_table_info", "vip" => vip.name.clone(), "fingerprint" => format!("{:#018x}", vip.fingerprint))
+            .set(1.0);
+    }
+    for w in &totals.workers {
+        let id = w.id.to_string();
+        counter!("lb_worker_batches_total", "worker" => id.clone()).absolute(w.batches);
+        counter!("lb_worker_frames_total", "worker" => id.clone()).absolute(w.frames);
+        gauge!("lb_worker_largest_batch", "worker" => id.clone()).set(w.largest_batch as f64);
+        if let Some(ms) = w.last_seen_ms {
+            gauge!("lb_worker_last_seen_seconds", "worker" => id).set(ms as f64 / 1000.0);
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! `lb mux`: the node. Loads the config, starts one worker per receive queue, serves the control
+//! socket and the metrics, and reacts to signals and file changes.
+//!
+//! - **Devices.** Each worker gets its own AF_PACKET TPACKET_V3 ring on `node.interface`, all in
+//!   one `PACKET_FANOUT_HASH` group (a flow always reaches the same worker, so its conntrack entry
+//!   is where its packets are), and its own raw IP sockets to send with `sendmmsg`.
+//! - **Reload** on SIGHUP, on a change of the config file's contents (polled every
+//!   [`WATCH_INTERVAL`]), and on the control socket's `reload`. See [`crate::control`].
+//! - **Shutdown** on SIGTERM or SIGINT: workers finish their batch, flush and stop; the control
+//!   socket file is removed; the process exits 0.
+//!
+//! **Invariant.** Settings that shape the process (interface, workers, conntrack size, control
+//! socket, metrics address) are read at start only; a reload that changes them logs that they
+//! take effect on restart, and applies the rest.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use crossbeam_channel::RecvTimeoutError;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::afpacket::{AfPacketReceiver, RingConfig};
+use crate::control::ControlPlane;
+use crate::device::{Receiver, Transmitter};
+use crate::node::{Devices, Mux, worker_count};
+use crate::rawip::RawIpTransmitter;
+
+/// How often the config file is checked for changes.
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// Packets a worker's transmitter queues before it must flush.
+const TX_QUEUE: usize = 256;
+
+/// Command-line overrides of `lb mux`.
+#[derive(Clone, Debug, Default)]
+pub struct MuxOptions {
+    /// The config file.
+    pub config: PathBuf,
+    /// Overrides `node.control_socket`.
+    pub control_socket: Option<PathBuf>,
+    /// Overrides `node.metrics_address`.
+    pub metrics_address: Option<SocketAddr>,
+    /// Do not start the metrics exporter.
+    pub no_metrics: bool,
+}
+
+/// Opens `count` AF_PACKET receivers on `interface` in one fanout group, each with its own
+/// raw-socket transmitter.
+pub fn open_af_packet(interface: &str, count: usize) -> io::Result<Vec<Devices>> {
+    // One group per process: two muxes in one namespace must not share a group.
+    let group = (std::process::id() & 0xffff) as u16;
+    let fanout = (count > 1).then_some(group);
+    (0..count)
+        .map(|_| {
+            let rx = AfPacketReceiver::open(interface, fanout, RingConfig::default())?;
+            let tx = RawIpTransmitter::open(TX_QUEUE)?;
+            Ok((Box::new(rx) as Box<dyn Receiver>, Box::new(tx) as Box<dyn Transmitter>))
+        })
+        .collect()
+}
+
+/// Runs `lb mux` until SIGTERM or SIGINT. Errors are for the operator, naming what failed.
+pub fn run(options: &MuxOptions) -> Result<(), String> {
+    let (plane, _) = ControlPlane::start(&options.config)?;
+    let config = plane.config();
+    let interface = config.node.interface.clone().ok_or_else(|| {
+        format!(
+            "{}: node.interface: lb mux needs the interface that receives VIP traffic",
+            options.config.display()
+        )
+    })?;
+    let workers = worker_count(&config);
+    let devices = open_af_packet(&interface, workers)
+        .map_err(|e| format!("opening {workers} worker device(s) on {interface}: {e}"))?;
+    let socket_path = options
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| config.node.control_socket_path());
+    let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])
+        .map_err(|e| format!("installing signal handlers: {e}"))?;
+    let mux = Mux::start(Arc::clone(&plane), devices, &socket_path).map_err(|e| e.to_string())?;
+    if !options.no_metrics {
+        let address = options.metrics_address.unwrap_or(config.node.metrics_address);
+        if let Err(e) = crate::exporter::start(Arc::clone(&plane), address) {
+            mux.stop();
+            return Err(e);
+        }
+    }
+    tracing::info!(
+        node = %config.node.name,
+        %interface,
+        workers,
+        socket = %socket_path.display(),
+        "lb mux running"
+    );
+    let (signal_tx, signal_rx) = crossbeam_channel::unbounded();
+    let handle = signals.handle();
+    let signal_thread = thread::Builder::new()
+        .name("lb-signals".into())
+        .spawn(move || {
+            let mut signals = signals;
+            for s in signals.forever() {
+                if signal_tx.send(s).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| format!("signal thread: {e}"))?;
+    loop {
+        match signal_rx.recv_timeout(WATCH_INTERVAL) {
+            Ok(SIGHUP) => {
+                let _ = plane.reload("SIGHUP");
+            }
+            Ok(signal) => {
+                tracing::info!(signal, "shutting down");
+                break;
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = plane.reload_if_changed();
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    handle.close();
+    let _ = signal_thread.join();
+    mux.stop();
+    tracing::info!("lb mux stopped");
+    Ok(())
+}

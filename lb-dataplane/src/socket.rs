@@ -1,0 +1,200 @@
+//! The control socket: a Unix stream socket (mode 0600) speaking line-delimited JSON, one
+//! request object per line, one answer object per line (see [`crate::control::Request`]).
+//!
+//! The server runs one thread to accept and one thread per connection (the clients are
+//! operators and the health-check sidecar: a handful). A line longer than [`MAX_LINE`] bytes
+//! is answered with an error and the connection closed, so a client cannot make the mux hold
+//! unbounded input.
+//!
+//! **Invariant.** Nothing here touches the hot path: requests go to the
+//! [`ControlPlane`], which publishes snapshots.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::control::ControlPlane;
+
+/// The longest request line accepted.
+pub const MAX_LINE: usize = 64 * 1024;
+const TICK: Duration = Duration::from_millis(100);
+
+/// A listening control socket; removes its file when dropped.
+#[derive(Debug)]
+pub struct ControlSocket {
+    path: PathBuf,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlSocket {
+    /// Binds `path` (mode 0600; its directory is created with mode 0700 if missing) and serves
+    /// `plane` until the shared shutdown flag is set. Refuses a path where a live server
+    /// answers; replaces a stale socket file.
+    pub fn serve(plane: Arc<ControlPlane>, path: &Path) -> io::Result<Self> {
+        let context = |what: &str, e: io::Error| {
+            io::Error::new(
+                e.kind(),
+                format!("control socket {}: {what}: {e}", path.display()),
+            )
+        };
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+            && !dir.exists()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| context("creating its directory", e))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| context("chmod 0700 of its directory", e))?;
+        }
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "control socket {}: another process is serving it",
+                        path.display()
+                    ),
+                ));
+            }
+            std::fs::remove_file(path).map_err(|e| context("removing the stale socket", e))?;
+        }
+        let listener = UnixListener::bind(path).map_err(|e| context("bind", e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| context("chmod 0600", e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| context("set_nonblocking", e))?;
+        let thread = thread::Builder::new()
+            .name("lb-control".into())
+            .spawn(move || accept_loop(&plane, &listener))?;
+        Ok(Self {
+            path: path.to_owned(),
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket's path.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            // The accept loop ends by itself once shutdown is set; do not wait for it otherwise.
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(plane: &Arc<ControlPlane>, listener: &UnixListener) {
+    while !plane.shared().shutdown.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let plane = Arc::clone(plane);
+                let spawned =
+                    thread::Builder::new()
+                        .name("lb-control-conn".into())
+                        .spawn(move || {
+                            if let Err(e) = serve_connection(&plane, stream) {
+                                tracing::debug!(error = %e, "control connection ended");
+                            }
+                        });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start a control connection thread");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(TICK),
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket accept failed");
+                thread::sleep(TICK);
+            }
+        }
+    }
+}
+
+fn serve_connection(plane: &ControlPlane, stream: UnixStream) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(TICK))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        if plane.shared().shutdown.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let limit = (MAX_LINE + 1 - line.len()) as u64;
+        match (&mut reader).take(limit).read_until(b'\n', &mut line) {
+            Ok(0) => return Ok(()),
+            Ok(_) if line.last() != Some(&b'\n') => {
+                if line.len() > MAX_LINE {
+                    let answer = json!({"ok": false, "error": format!("request line longer than {MAX_LINE} bytes")});
+                    writeln!(writer, "{answer}")?;
+                    return Ok(());
+                }
+                // End of input without a newline: answer what there is.
+                if !line.is_empty() {
+                    answer_line(plane, &line, &mut writer)?;
+                }
+                return Ok(());
+            }
+            Ok(_) => {
+                answer_line(plane, &line, &mut writer)?;
+                line.clear();
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn answer_line(plane: &ControlPlane, line: &[u8], writer: &mut UnixStream) -> io::Result<()> {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(());
+    }
+    let answer = plane.handle_line(text);
+    writeln!(writer, "{answer}")?;
+    writer.flush()
+}
+
+/// Sends one request to the control socket at `path` and returns the answer.
+pub fn request(path: &Path, request: &Value) -> io::Result<Value> {
+    let mut stream = UnixStream::connect(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot connect to the control socket {}: {e} (is lb mux running? see --socket)",
+                path.display()
+            ),
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    writeln!(stream, "{request}")?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    serde_json::from_str(&answer).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad answer from {}: {e}: {answer:?}", path.display()),
+        )
+    })
+}

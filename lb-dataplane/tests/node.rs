@@ -1,0 +1,345 @@
+//! The whole mux node on in-memory devices, driven the way an operator drives it: real config
+//! files, the real control socket (line-delimited JSON), frames in, encapsulated packets out,
+//! decoded by an independent parser (etherparse).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use lb_core::packet::Link;
+use lb_dataplane::control::ControlPlane;
+use lb_dataplane::memory::{self, Collector, Injector, Sent};
+use lb_dataplane::node::{Devices, Mux};
+use lb_dataplane::socket::request;
+use serde_json::{Value, json};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+
+fn config_text(socket: &Path, backends: &[&str]) -> String {
+    let mut s = format!(
+        "[node]\nname = \"mux-test\"\naddress_v4 = \"198.18.11.2\"\nmtu = 1600\ncontrol_socket = {socket:?}\n\n\
+         [[vip]]\nname = \"echo\"\naddress = \"{VIP}\"\nprotocol = \"udp\"\nport = 7\nencap = \"ipip\"\n"
+    );
+    for b in backends {
+        s.push_str(&format!("  [[vip.backend]]\n  address = \"{b}\"\n"));
+    }
+    s
+}
+
+struct Node {
+    mux: Option<Mux>,
+    injectors: Vec<Injector>,
+    collectors: Vec<Collector>,
+    config: PathBuf,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn start(workers: usize, backends: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("mux.sock");
+        let config = dir.path().join("mux.toml");
+        std::fs::write(&config, config_text(&socket, backends)).unwrap();
+        let (plane, _) = ControlPlane::start(&config).unwrap();
+        let mut devices: Vec<Devices> = Vec::new();
+        let (mut injectors, mut collectors) = (Vec::new(), Vec::new());
+        for _ in 0..workers {
+            let (rx, inject) = memory::receiver(Link::Ip);
+            let (tx, collect) = memory::transmitter();
+            devices.push((Box::new(rx), Box::new(tx)));
+            injectors.push(inject);
+            collectors.push(collect);
+        }
+        let mux = Mux::start(plane, devices, &socket).unwrap();
+        Self {
+            mux: Some(mux),
+            injectors,
+            collectors,
+            config,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    fn ask(&self, req: Value) -> Value {
+        request(&self.socket, &req).unwrap()
+    }
+
+    /// Sends `count` datagrams of flow `sport` through worker `worker`, returns the backends
+    /// they reached (after decoding every packet).
+    fn send(&self, worker: usize, sport: u16, seq: std::ops::Range<u32>) {
+        for s in seq {
+            assert!(self.injectors[worker].inject(&udp(sport, s)));
+        }
+    }
+
+    fn collect(&self, want: usize) -> Vec<Sent> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        while got.len() < want && Instant::now() < deadline {
+            for c in &self.collectors {
+                got.extend(c.drain());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        got
+    }
+
+    /// Status once the workers have published `frames` frames (reports are periodic).
+    fn status_after(&self, frames: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.ask(json!({"command": "status"}));
+            if status["counters"]["frames"].as_u64() >= Some(frames) || Instant::now() > deadline {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(m) = self.mux.take() {
+            m.stop();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn udp(sport: u16, seq: u32) -> Vec<u8> {
+    let b = PacketBuilder::ipv4([198, 18, 1, 2], VIP.octets(), 64).udp(sport, 7);
+    let payload = seq.to_be_bytes();
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, &payload).unwrap();
+    out
+}
+
+/// Decodes an encapsulated packet with etherparse: (outer dst, inner source port, inner seq).
+fn decode(sent: &Sent) -> (IpAddr, u16, u32) {
+    let outer = SlicedPacket::from_ip(&sent.packet).expect("outer packet parses");
+    let Some(NetSlice::Ipv4(o)) = &outer.net else {
+        panic!("outer is not IPv4")
+    };
+    let h = o.header();
+    assert_eq!(h.protocol(), etherparse::IpNumber::IPV4, "IP-in-IP");
+    assert_eq!(h.source_addr(), Ipv4Addr::new(198, 18, 11, 2));
+    assert_eq!(
+        h.to_header().calc_header_checksum(),
+        h.header_checksum(),
+        "outer checksum"
+    );
+    assert_eq!(IpAddr::V4(h.destination_addr()), sent.destination);
+    let inner = SlicedPacket::from_ip(o.payload().payload).expect("inner packet parses");
+    let Some(TransportSlice::Udp(u)) = inner.transport else {
+        panic!("inner is not UDP")
+    };
+    let seq = u32::from_be_bytes(u.payload()[..4].try_into().unwrap());
+    (sent.destination, u.source_port(), seq)
+}
+
+#[test]
+fn flows_stick_to_backends_and_every_packet_is_encapsulated() {
+    let node = Node::start(2, &["198.18.21.2", "198.18.22.2", "198.18.23.2"]);
+    for sport in 1000..1100u16 {
+        node.send(usize::from(sport % 2), sport, 0..5);
+    }
+    let got = node.collect(500);
+    assert_eq!(got.len(), 500);
+    let mut backend_of: HashMap<u16, IpAddr> = HashMap::new();
+    let mut last_seq: HashMap<u16, u32> = HashMap::new();
+    for s in &got {
+        let (to, sport, seq) = decode(s);
+        assert_eq!(
+            *backend_of.entry(sport).or_insert(to),
+            to,
+            "flow {sport} moved"
+        );
+        if let Some(prev) = last_seq.insert(sport, seq) {
+            assert!(seq > prev, "flow {sport} reordered");
+        }
+    }
+    let used: std::collections::HashSet<_> = backend_of.values().collect();
+    assert_eq!(used.len(), 3, "100 flows use every backend");
+    let status = node.status_after(500);
+    assert_eq!(status["ok"], true);
+    assert_eq!(status["generation"], 1);
+    assert_eq!(status["counters"]["frames"], 500, "{status:#}");
+    assert_eq!(status["counters"]["encapsulated"], 500);
+    let per_backend: u64 = status["vips"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["packets"].as_u64().unwrap())
+        .sum();
+    assert_eq!(per_backend, 500);
+    assert!(
+        status["vips"][0]["fingerprint"]
+            .as_str()
+            .unwrap()
+            .starts_with("0x")
+    );
+}
+
+#[test]
+fn malformed_frames_are_counted_and_dropped_and_the_node_keeps_forwarding() {
+    let node = Node::start(1, &["198.18.21.2"]);
+    let good = udp(4000, 1);
+    let mut bad_version = good.clone();
+    bad_version[0] = 0x75;
+    let truncated = good[..15].to_vec();
+    let mut bad_length = good.clone();
+    bad_length[2] = 0xff;
+    for frame in [
+        &[][..],
+        &truncated,
+        &bad_version,
+        &bad_length,
+        &[0xff; 100][..],
+    ] {
+        assert!(node.injectors[0].inject(frame));
+    }
+    node.send(0, 4000, 2..3);
+    let got = node.collect(1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(decode(&got[0]).2, 2);
+    let status = node.status_after(6);
+    let drops = &status["counters"]["drops"];
+    let total: u64 = drops
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 5, "{drops}");
+    assert_eq!(drops["internal"], 0);
+}
+
+#[test]
+fn reload_drain_and_health_change_the_table_and_keep_what_they_should() {
+    let mut node = Node::start(1, &["198.18.21.2", "198.18.22.2"]);
+    // Find a flow on each backend.
+    for sport in 2000..2040u16 {
+        node.send(0, sport, 0..1);
+    }
+    let mut by_backend: HashMap<IpAddr, Vec<u16>> = HashMap::new();
+    for s in node.collect(40) {
+        let (to, sport, _) = decode(&s);
+        by_backend.entry(to).or_default().push(sport);
+    }
+    let be1: IpAddr = "198.18.21.2".parse().unwrap();
+    let be2: IpAddr = "198.18.22.2".parse().unwrap();
+    let on_be1 = by_backend[&be1].clone();
+
+    // Drain be1: its tracked flows stay, new flows avoid it.
+    let answer = node.ask(json!({"command": "drain", "backend": "198.18.21.2"}));
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["generation"], 2);
+    std::thread::sleep(Duration::from_millis(100));
+    for &sport in &on_be1 {
+        node.send(0, sport, 1..2);
+    }
+    for sport in 3000..3040u16 {
+        node.send(0, sport, 0..1);
+    }
+    for s in node.collect(on_be1.len() + 40) {
+        let (to, sport, _) = decode(&s);
+        if sport < 3000 {
+            assert_eq!(to, be1, "a tracked flow leaves its drained backend");
+        } else {
+            assert_eq!(to, be2, "a new flow reaches a drained backend");
+        }
+    }
+    let status = node.ask(json!({"command": "status"}));
+    assert_eq!(status["vips"][0]["backends"][0]["drained"], true);
+    assert_eq!(status["vips"][0]["backends"][0]["effective_weight"], 0);
+
+    // Unhealthy be1: even its tracked flows move.
+    let answer =
+        node.ask(json!({"command": "set-health", "backend": "198.18.21.2", "healthy": false}));
+    assert_eq!(answer["ok"], true, "{answer}");
+    std::thread::sleep(Duration::from_millis(100));
+    for &sport in &on_be1 {
+        node.send(0, sport, 2..3);
+    }
+    for s in node.collect(on_be1.len()) {
+        assert_eq!(decode(&s).0, be2, "a flow stays on an unhealthy backend");
+    }
+
+    // Unknown backends and VIPs, bad requests: clear errors, nothing published.
+    let generation = node.ask(json!({"command": "status"}))["generation"].clone();
+    for bad in [
+        json!({"command": "drain", "backend": "198.18.99.9"}),
+        json!({"command": "drain", "backend": "198.18.21.2", "vip": "nope"}),
+        json!({"command": "explode"}),
+    ] {
+        let answer = node.ask(bad.clone());
+        assert_eq!(answer["ok"], false, "{bad} → {answer}");
+        assert!(answer["error"].as_str().unwrap().len() > 5);
+    }
+    assert_eq!(
+        node.ask(json!({"command": "status"}))["generation"],
+        generation
+    );
+
+    // A bad config file is rejected with the field named; the old snapshot keeps serving.
+    let good_text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(&node.config, good_text.replace("port = 7", "port = 70000")).unwrap();
+    let answer = node.ask(json!({"command": "reload"}));
+    assert_eq!(answer["ok"], false);
+    assert!(
+        answer["error"].as_str().unwrap().contains("port"),
+        "{answer}"
+    );
+    let status = node.ask(json!({"command": "status"}));
+    assert_eq!(status["generation"], generation);
+    assert_eq!(status["reloads"]["failed"], 1);
+    node.send(0, 2000, 9..10);
+    assert_eq!(node.collect(1).len(), 1, "the old config keeps serving");
+
+    // A good reload publishes, and keeps health and drain state of backends still present.
+    std::fs::write(&node.config, &good_text).unwrap();
+    let answer = node.ask(json!({"command": "reload"}));
+    assert_eq!(answer["ok"], true, "{answer}");
+    let status = node.ask(json!({"command": "status"}));
+    assert_eq!(status["vips"][0]["backends"][0]["healthy"], false);
+    node.stop();
+}
+
+#[test]
+fn shutdown_flushes_everything_received() {
+    let mut node = Node::start(2, &["198.18.21.2", "198.18.22.2"]);
+    for sport in 5000..5200u16 {
+        node.send(usize::from(sport % 2), sport, 0..3);
+    }
+    // Wait until the workers have taken everything, then stop: nothing may be left queued.
+    node.status_after(600);
+    let socket = node.socket.clone();
+    node.stop();
+    let got: usize = node.collectors.iter().map(|c| c.drain().len()).sum();
+    assert_eq!(got, 600);
+    assert!(
+        !socket.exists(),
+        "the control socket file is removed on stop"
+    );
+}
+
+#[test]
+fn a_second_node_cannot_take_a_live_control_socket() {
+    let node = Node::start(1, &["198.18.21.2"]);
+    let (plane, _) = ControlPlane::start(&node.config).unwrap();
+    let err = Mux::start(plane, Vec::new(), &node.socket).unwrap_err();
+    assert!(err.to_string().contains("another process"), "{err}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&node.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
