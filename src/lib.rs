@@ -7,5 +7,6 @@
 //! and a closed pipe (`lb table … | head`) ends the command quietly instead of panicking.
 
 pub mod bench;
+pub mod blast;
 pub mod netns;
 pub mod table;

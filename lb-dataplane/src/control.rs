@@ -136,6 +136,23 @@ fn digest_of(path: &Path) -> Option<u64> {
     std::fs::read(path).ok().map(|b| xxh3(&b, 0))
 }
 
+/// Logs the node settings a reload cannot apply (they shape the process: devices, threads,
+/// sockets) when the new file changes them.
+fn warn_restart_only(old: &Config, new: &Config) {
+    let (o, n) = (&old.node, &new.node);
+    for (field, changed) in [
+        ("node.interface", o.interface != n.interface),
+        ("node.workers", o.workers != n.workers),
+        ("node.conntrack_capacity", o.conntrack_capacity != n.conntrack_capacity),
+        ("node.control_socket", o.control_socket != n.control_socket),
+        ("node.metrics_address", o.metrics_address != n.metrics_address),
+    ] {
+        if changed {
+            tracing::warn!(field, "changed in the config file; takes effect when lb mux restarts");
+        }
+    }
+}
+
 fn fingerprint_hex(f: u64) -> String {
     format!("{f:#018x}")
 }
@@ -244,6 +261,7 @@ impl ControlPlane {
         let result = Config::load(&self.config_path)
             .map_err(|e| e.to_string())
             .and_then(|base| {
+                warn_restart_only(&inner.base, &base);
                 let mut overrides = inner.overrides.clone();
                 overrides.prune(&base);
                 self.publish(&mut inner, base, overrides, trigger)
