@@ -93,14 +93,8 @@ pub fn blast(
         }
         // SAFETY: `headers` holds `headers.len()` initialised mmsghdr whose iovecs point into
         // `frames` and whose names point at `address`; all outlive the call.
-        let n = unsafe {
-            libc::sendmmsg(
-                fd,
-                headers.as_mut_ptr(),
-                headers.len() as libc::c_uint,
-                0,
-            )
-        };
+        let n =
+            unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), headers.len() as libc::c_uint, 0) };
         if n < 0 {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {

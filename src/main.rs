@@ -2,12 +2,17 @@
 //! the `lb` library; all logic lives there or in `lb-core`.
 
 use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use lb::{bench, table};
 use lb_core::config::Config;
+use lb_dataplane::control::render_status;
+use lb_dataplane::mux::{self, MuxOptions};
+use lb_dataplane::socket::request;
+use serde_json::json;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +40,90 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// Run a mux node: receive VIP traffic on node.interface and encapsulate it to the backends.
+    /// Reloads on SIGHUP, on a change of the file, and on `lb ctl reload`; stops on SIGTERM.
+    Mux {
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The control socket (default: node.control_socket, or /run/lb/<node name>.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Where the Prometheus exporter listens (default: node.metrics_address).
+        #[arg(long, conflicts_with = "no_metrics")]
+        metrics: Option<SocketAddr>,
+        /// Do not start the Prometheus exporter.
+        #[arg(long)]
+        no_metrics: bool,
+    },
+    /// Show a running node's state: generation, table fingerprints, backends, counters.
+    Status {
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// Print the JSON answer instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a running node: drain, undrain, set health, reload.
+    Ctl {
+        #[command(flatten)]
+        socket: SocketArgs,
+        #[command(subcommand)]
+        what: CtlCommand,
+    },
+}
+
+#[derive(Args)]
+struct SocketArgs {
+    /// The node's control socket.
+    #[arg(long, conflicts_with = "config")]
+    socket: Option<PathBuf>,
+    /// Find the control socket in this config file instead.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl SocketArgs {
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        Ok(match (&self.socket, &self.config) {
+            (Some(s), _) => s.clone(),
+            (None, Some(c)) => Config::load(c)?.node.control_socket_path(),
+            (None, None) => PathBuf::from("/run/lb/lb.sock"),
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Weight 0 for a backend: no new flows; tracked flows continue.
+    Drain {
+        /// The backend's address.
+        backend: IpAddr,
+        /// Only this VIP (default: every VIP with the backend).
+        #[arg(long)]
+        vip: Option<String>,
+    },
+    /// Give a drained backend its weight back.
+    Undrain {
+        /// The backend's address.
+        backend: IpAddr,
+        /// Only this VIP (default: every VIP with the backend).
+        #[arg(long)]
+        vip: Option<String>,
+    },
+    /// Mark a backend healthy or unhealthy (an unhealthy one leaves the table).
+    SetHealth {
+        /// The backend's address.
+        backend: IpAddr,
+        /// `healthy` or `unhealthy`.
+        #[arg(value_parser = ["healthy", "unhealthy"])]
+        state: String,
+        /// Only this VIP (default: every VIP with the backend).
+        #[arg(long)]
+        vip: Option<String>,
+    },
+    /// Read the config file again.
+    Reload,
 }
 
 #[derive(Args)]
@@ -134,8 +223,70 @@ fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 bench::write_text(&results, &summary, out)?;
             }
         }
+        Command::Mux {
+            config,
+            socket,
+            metrics,
+            no_metrics,
+        } => {
+            init_logs();
+            let options = MuxOptions {
+                config,
+                control_socket: socket,
+                metrics_address: metrics,
+                no_metrics,
+            };
+            mux::run(&options).map_err(|e| anyhow::anyhow!(e))?;
+        }
+        Command::Status { socket, json } => {
+            let answer = request(&socket.path()?, &json!({"command": "status"}))?;
+            if json {
+                writeln!(out, "{answer:#}")?;
+            } else {
+                write!(out, "{}", render_status(&answer))?;
+            }
+            if answer["ok"] != true {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Ctl { socket, what } => {
+            let req = match what {
+                CtlCommand::Drain { backend, vip } => {
+                    json!({"command": "drain", "backend": backend, "vip": vip})
+                }
+                CtlCommand::Undrain { backend, vip } => {
+                    json!({"command": "undrain", "backend": backend, "vip": vip})
+                }
+                CtlCommand::SetHealth {
+                    backend,
+                    state,
+                    vip,
+                } => json!({
+                    "command": "set-health",
+                    "backend": backend,
+                    "vip": vip,
+                    "healthy": state == "healthy",
+                }),
+                CtlCommand::Reload => json!({"command": "reload"}),
+            };
+            let answer = request(&socket.path()?, &req)?;
+            writeln!(out, "{answer}")?;
+            if answer["ok"] != true {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Structured logs on stderr; the level from `RUST_LOG` (default `info`).
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .init();
 }
 
 fn main() -> ExitCode {

@@ -143,12 +143,21 @@ fn warn_restart_only(old: &Config, new: &Config) {
     for (field, changed) in [
         ("node.interface", o.interface != n.interface),
         ("node.workers", o.workers != n.workers),
-        ("node.conntrack_capacity", o.conntrack_capacity != n.conntrack_capacity),
+        (
+            "node.conntrack_capacity",
+            o.conntrack_capacity != n.conntrack_capacity,
+        ),
         ("node.control_socket", o.control_socket != n.control_socket),
-        ("node.metrics_address", o.metrics_address != n.metrics_address),
+        (
+            "node.metrics_address",
+            o.metrics_address != n.metrics_address,
+        ),
     ] {
         if changed {
-            tracing::warn!(field, "changed in the config file; takes effect when lb mux restarts");
+            tracing::warn!(
+                field,
+                "changed in the config file; takes effect when lb mux restarts"
+            );
         }
     }
 }

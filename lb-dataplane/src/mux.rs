@@ -58,7 +58,10 @@ pub fn open_af_packet(interface: &str, count: usize) -> io::Result<Vec<Devices>>
         .map(|_| {
             let rx = AfPacketReceiver::open(interface, fanout, RingConfig::default())?;
             let tx = RawIpTransmitter::open(TX_QUEUE)?;
-            Ok((Box::new(rx) as Box<dyn Receiver>, Box::new(tx) as Box<dyn Transmitter>))
+            Ok((
+                Box::new(rx) as Box<dyn Receiver>,
+                Box::new(tx) as Box<dyn Transmitter>,
+            ))
         })
         .collect()
 }
@@ -84,7 +87,9 @@ pub fn run(options: &MuxOptions) -> Result<(), String> {
         .map_err(|e| format!("installing signal handlers: {e}"))?;
     let mux = Mux::start(Arc::clone(&plane), devices, &socket_path).map_err(|e| e.to_string())?;
     if !options.no_metrics {
-        let address = options.metrics_address.unwrap_or(config.node.metrics_address);
+        let address = options
+            .metrics_address
+            .unwrap_or(config.node.metrics_address);
         if let Err(e) = crate::exporter::start(Arc::clone(&plane), address) {
             mux.stop();
             return Err(e);
