@@ -8,5 +8,6 @@
 
 pub mod bench;
 pub mod blast;
+pub mod forward_bench;
 pub mod netns;
 pub mod table;

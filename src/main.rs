@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use lb::{bench, table};
+use lb::{bench, forward_bench, table};
 use lb_core::config::Config;
 use lb_dataplane::control::render_status;
 use lb_dataplane::mux::{self, MuxOptions};
@@ -167,6 +167,19 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Packets per second delivered through `lb mux` (1 and 2 workers) against the kernel's own
+    /// IP forwarding, on veth in network namespaces the benchmark creates (root).
+    Forward {
+        /// Seconds per sender run.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Rounds of every case (they alternate).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Distinct flows.
+        #[arg(long, default_value_t = 1024)]
+        flows: u16,
+    },
 }
 
 fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
@@ -222,6 +235,24 @@ fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             } else {
                 bench::write_text(&results, &summary, out)?;
             }
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Forward {
+                    seconds,
+                    rounds,
+                    flows,
+                },
+        } => {
+            let plan = forward_bench::ForwardPlan {
+                duration: std::time::Duration::from_secs_f64(seconds.clamp(0.1, 60.0)),
+                rounds: rounds.clamp(1, 20),
+                flows,
+                ..forward_bench::ForwardPlan::default()
+            };
+            let lb = std::env::current_exe()?;
+            let cases = forward_bench::run(&plan, &lb, &mut |line| eprintln!("{line}"))?;
+            write!(out, "{}", forward_bench::table(&cases))?;
         }
         Command::Mux {
             config,
