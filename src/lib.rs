@@ -9,3 +9,4 @@
 pub mod bench;
 pub mod netns;
 pub mod table;
+pub mod topology;
