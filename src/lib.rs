@@ -11,3 +11,4 @@ pub mod blast;
 pub mod forward_bench;
 pub mod netns;
 pub mod table;
+pub mod topology;

@@ -1,1 +1,627 @@
-//! Network namespaces for tests and the lab (being written).
+//! Network namespaces for integration tests and the lab: a [`Lab`] creates namespaces, veth
+//! pairs between them and processes inside them, and removes all of it when dropped.
+//!
+//! Invariant: a [`Lab`] only ever changes what it created itself. Every namespace it creates is
+//! named `lbt-{tag}-{pid}-{seq}-{short}` (the creating process's pid, a per-process sequence
+//! number); links, addresses and routes are only added *inside* those namespaces (a veth pair is
+//! created directly in its two namespaces, never in the root namespace); it signals only the
+//! processes it spawned, or processes that live inside its own namespaces. When a lab is
+//! dropped — including during a panic — it stops those processes (SIGTERM, then SIGKILL after
+//! 3 s) and deletes its namespaces. Processes outlive `ip netns del`, so killing comes first.
+//!
+//! A crashed run cannot drop its lab; [`Lab::new`] therefore first removes the namespaces of
+//! the same tag whose creating process is gone, after killing the processes left inside them.
+//!
+//! Everything here needs root (see [`require_root`]) and the `ip` tool (iproute2).
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fmt;
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// Where `ip netns` keeps one bind-mounted file per named namespace.
+const NETNS_RUN_DIR: &str = "/run/netns";
+
+/// How long [`Lab`]'s drop waits after SIGTERM before it sends SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(3);
+
+/// Labs created so far by this process: makes names unique across parallel tests.
+static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Panics with a clear message unless the process runs as root (effective uid 0).
+///
+/// `what` names the caller, e.g. the test: `needs root: {what} creates network namespaces; …`.
+#[track_caller]
+pub fn require_root(what: &str) {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        panic!("needs root: {what} creates network namespaces; run as root (CI does)");
+    }
+}
+
+/// A named network namespace created by a [`Lab`].
+///
+/// A cheap handle (the name): it stays usable while its lab lives; after the lab is dropped
+/// every operation fails, because the namespace is gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    name: String,
+}
+
+impl fmt::Display for Namespace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl Namespace {
+    /// The namespace's name, as `ip netns list` shows it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip -n NAME args…` and returns its stdout. A failure's error names the command,
+    /// its exit status and its stderr.
+    pub fn ip(&self, args: &[&str]) -> io::Result<String> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run_checked("ip", &full)
+    }
+
+    /// Sets a sysctl of this namespace, e.g. `sysctl("net.ipv4.ip_forward", "1")`.
+    ///
+    /// Writes `/proc/sys/…` from a thread that entered the namespace (no `sysctl` binary
+    /// needed). Keys are dotted; keys whose components contain a dot (VLAN interfaces) are
+    /// not supported.
+    pub fn sysctl(&self, key: &str, value: &str) -> io::Result<()> {
+        let path = sysctl_path(key)?;
+        let value = value.to_owned();
+        let key = key.to_owned();
+        self.enter(move || {
+            fs::write(&path, value.as_bytes())
+                .map_err(|e| io::Error::new(e.kind(), format!("sysctl {key}={value}: {e}")))
+        })
+        .join()
+        .map_err(|_| io::Error::other("sysctl thread panicked"))?
+    }
+
+    /// Reads a sysctl of this namespace (trailing newline removed).
+    pub fn read_sysctl(&self, key: &str) -> io::Result<String> {
+        let path = sysctl_path(key)?;
+        self.enter(move || fs::read_to_string(&path).map(|s| s.trim_end().to_owned()))
+            .join()
+            .map_err(|_| io::Error::other("sysctl thread panicked"))?
+    }
+
+    /// Runs `ip netns exec NAME program args…` to completion and returns its output.
+    ///
+    /// The exit status is not checked: look at [`Output::status`].
+    pub fn exec(&self, program: &str, args: &[&str]) -> io::Result<Output> {
+        Command::new("ip")
+            .args(["netns", "exec", self.name.as_str(), program])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+    }
+
+    /// Like [`exec`](Self::exec), but a non-zero exit is an error that names the command and
+    /// carries its stderr; returns stdout.
+    pub fn exec_checked(&self, program: &str, args: &[&str]) -> io::Result<String> {
+        let mut full = vec!["netns", "exec", self.name.as_str(), program];
+        full.extend_from_slice(args);
+        run_checked("ip", &full)
+    }
+
+    /// Runs `f` on a new thread that has first joined this namespace (`setns(CLONE_NEWNET)`):
+    /// sockets `f` opens live in the namespace. Only that thread changes namespace.
+    ///
+    /// If joining fails the thread panics before `f` runs (so `f` never runs in the wrong
+    /// namespace) and [`JoinHandle::join`] returns the error.
+    pub fn enter<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
+        let name = self.name.clone();
+        thread::spawn(move || {
+            if let Err(e) = enter_netns(&name) {
+                panic!("cannot enter network namespace {name}: {e}");
+            }
+            f()
+        })
+    }
+}
+
+/// Joins the calling thread to the named namespace.
+fn enter_netns(name: &str) -> io::Result<()> {
+    let file = File::open(Path::new(NETNS_RUN_DIR).join(name))?;
+    // SAFETY: `file` is an open descriptor for the whole call; setns only reads it and
+    // changes the network namespace of the calling thread, which is ours.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `net.ipv4.ip_forward` → `/proc/sys/net/ipv4/ip_forward`, refusing odd keys.
+fn sysctl_path(key: &str) -> io::Result<PathBuf> {
+    let ok = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !key.split('.').any(str::is_empty);
+    if !ok {
+        return Err(invalid(format!("bad sysctl key {key:?}")));
+    }
+    Ok(Path::new("/proc/sys").join(key.replace('.', "/")))
+}
+
+/// One end of a veth pair for [`Lab::veth`]: the namespace, the interface name (at most 15
+/// bytes) and optionally an address with prefix length, e.g. `"198.18.1.2/24"`.
+#[derive(Clone, Copy, Debug)]
+pub struct VethEnd<'a> {
+    /// The namespace this end lives in.
+    pub ns: &'a Namespace,
+    /// The interface name inside that namespace.
+    pub ifname: &'a str,
+    /// The address to add (`ADDR/LEN`), if any.
+    pub cidr: Option<&'a str>,
+}
+
+impl<'a> VethEnd<'a> {
+    /// An end with an address.
+    pub fn new(ns: &'a Namespace, ifname: &'a str, cidr: &'a str) -> Self {
+        Self {
+            ns,
+            ifname,
+            cidr: Some(cidr),
+        }
+    }
+}
+
+/// Owns network namespaces and the processes spawned in them; removes both when dropped.
+///
+/// See the [module documentation](self) for the naming scheme and the cleanup guarantees.
+#[derive(Debug)]
+pub struct Lab {
+    /// `lbt-{tag}-{pid}-{seq}`: every namespace name starts with it, plus `-{short}`.
+    prefix: String,
+    /// Per-lab directory for process logs.
+    dir: PathBuf,
+    /// Names of the namespaces created, in creation order.
+    namespaces: Vec<String>,
+    /// Spawned processes not reaped yet.
+    children: BTreeMap<u32, Child>,
+    /// Spawned processes already reaped.
+    exited: BTreeMap<u32, ExitStatus>,
+    /// Every spawned process's log file.
+    logs: BTreeMap<u32, PathBuf>,
+}
+
+impl Lab {
+    /// Starts a lab whose namespaces are named `lbt-{tag}-{pid}-{seq}-{short}`.
+    ///
+    /// `tag` is ASCII letters and digits only (it identifies the user, e.g. a test file). First
+    /// removes stale namespaces `lbt-{tag}-*` whose creating pid is no longer alive, killing the
+    /// processes still inside them.
+    pub fn new(tag: &str) -> io::Result<Lab> {
+        check_word("tag", tag)?;
+        cleanup_stale(tag);
+        let pid = std::process::id();
+        let seq = LAB_SEQ.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("lbt-{tag}-{pid}-{seq}");
+        let dir = std::env::temp_dir().join(&prefix);
+        // A directory left by an earlier process that had the same pid holds nothing of ours.
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        Ok(Lab {
+            prefix,
+            dir,
+            namespaces: Vec::new(),
+            children: BTreeMap::new(),
+            exited: BTreeMap::new(),
+            logs: BTreeMap::new(),
+        })
+    }
+
+    /// The prefix of every namespace name of this lab (`lbt-{tag}-{pid}-{seq}`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The directory holding the logs of spawned processes (removed on drop, kept when the
+    /// lab is dropped during a panic).
+    pub fn log_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The names of all namespaces this lab has created.
+    pub fn namespace_names(&self) -> &[String] {
+        &self.namespaces
+    }
+
+    /// Creates namespace `{prefix}-{short}` (`short`: ASCII letters and digits): loopback up,
+    /// `rp_filter` 0 (`all` and `default`), `ip_forward` 0.
+    pub fn namespace(&mut self, short: &str) -> io::Result<Namespace> {
+        check_word("namespace short name", short)?;
+        let name = format!("{}-{short}", self.prefix);
+        run_checked("ip", &["netns", "add", &name])?;
+        // Recorded before configuring, so that drop deletes it even if configuring fails.
+        self.namespaces.push(name.clone());
+        let ns = Namespace { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        ns.sysctl("net.ipv4.ip_forward", "0")?;
+        Ok(ns)
+    }
+
+    /// Creates a veth pair with one end in each namespace (both of this lab), sets `mtu` on
+    /// both, adds the addresses and brings both ends up.
+    ///
+    /// The pair is created by `ip -n A link add … peer name … netns B`, i.e. from inside
+    /// namespace A directly into A and B: nothing ever appears in the root namespace.
+    pub fn veth(&self, a: VethEnd<'_>, b: VethEnd<'_>, mtu: u32) -> io::Result<()> {
+        for end in [&a, &b] {
+            self.check_own(end.ns)?;
+            if end.ifname.is_empty() || end.ifname.len() > 15 || end.ifname.contains('/') {
+                return Err(invalid(format!("bad interface name {:?}", end.ifname)));
+            }
+        }
+        let mtu = mtu.to_string();
+        a.ns.ip(&[
+            "link",
+            "add",
+            a.ifname,
+            "mtu",
+            &mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b.ifname,
+            "netns",
+            b.ns.name(),
+            "mtu",
+            &mtu,
+        ])?;
+        for end in [&a, &b] {
+            if let Some(cidr) = end.cidr {
+                end.ns.ip(&["addr", "add", cidr, "dev", end.ifname])?;
+            }
+            end.ns.ip(&["link", "set", end.ifname, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Starts `cmd` inside `ns` (through `ip netns exec`, which execs in place, so the pid
+    /// returned is the program's own) and returns its pid.
+    ///
+    /// Taken from `cmd`: program, arguments, environment changes, working directory. Its stdio
+    /// settings are replaced: stdin is `/dev/null`, stdout and stderr go to a log file in
+    /// [`log_dir`](Self::log_dir), readable with [`log`](Self::log).
+    pub fn spawn(&mut self, ns: &Namespace, cmd: &mut Command) -> io::Result<u32> {
+        self.check_own(ns)?;
+        let program = Path::new(cmd.get_program())
+            .file_name()
+            .unwrap_or(OsStr::new("cmd"))
+            .to_string_lossy()
+            .into_owned();
+        let log_path = self.dir.join(format!(
+            "{}-{}-{program}.log",
+            self.logs.len(),
+            ns.name.rsplit('-').next().unwrap_or("ns")
+        ));
+        let log = File::create(&log_path)?;
+        let mut wrapped = Command::new("ip");
+        wrapped
+            .args([
+                OsStr::new("netns"),
+                OsStr::new("exec"),
+                OsStr::new(&ns.name),
+            ])
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        for (key, value) in cmd.get_envs() {
+            match value {
+                Some(value) => wrapped.env(key, value),
+                None => wrapped.env_remove(key),
+            };
+        }
+        if let Some(dir) = cmd.get_current_dir() {
+            wrapped.current_dir(dir);
+        }
+        wrapped
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = wrapped.spawn()?;
+        let pid = child.id();
+        self.children.insert(pid, child);
+        self.logs.insert(pid, log_path);
+        Ok(pid)
+    }
+
+    /// The output (stdout and stderr, interleaved) of spawned process `pid` so far.
+    pub fn log(&self, pid: u32) -> String {
+        match self.logs.get(&pid) {
+            Some(path) => match fs::read(path) {
+                Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                Err(e) => format!("(cannot read log {}: {e})", path.display()),
+            },
+            None => format!("(pid {pid} was not spawned by this lab)"),
+        }
+    }
+
+    /// Sends signal `sig` to `pid`, which must be a process this lab spawned and has not
+    /// reaped yet (an unreaped pid cannot have been reused).
+    pub fn signal(&self, pid: u32, sig: i32) -> io::Result<()> {
+        if !self.children.contains_key(&pid) {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("pid {pid} is not a running process spawned by this lab"),
+            ));
+        }
+        let pid = libc::pid_t::try_from(pid).map_err(|_| invalid("pid out of range"))?;
+        // SAFETY: kill has no memory-safety preconditions; `pid` is our unreaped child.
+        if unsafe { libc::kill(pid, sig) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Waits up to `timeout` for spawned process `pid` to exit and returns its status (also
+    /// for a process that exited earlier). `None`: still running, or not spawned by this lab.
+    pub fn wait(&mut self, pid: u32, timeout: Duration) -> Option<ExitStatus> {
+        if let Some(status) = self.exited.get(&pid) {
+            return Some(*status);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.children.get_mut(&pid)?;
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    self.children.remove(&pid);
+                    self.exited.insert(pid, status);
+                    return Some(status);
+                }
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// Errors unless `ns` is one of this lab's namespaces.
+    fn check_own(&self, ns: &Namespace) -> io::Result<()> {
+        if self.namespaces.contains(&ns.name) {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "namespace {} does not belong to lab {}",
+                    ns.name, self.prefix
+                ),
+            ))
+        }
+    }
+
+    /// SIGTERM to every unreaped child, up to [`TERM_GRACE`] to exit, then SIGKILL; reaps all.
+    fn stop_children(&mut self) {
+        for (&pid, child) in &mut self.children {
+            if matches!(child.try_wait(), Ok(None))
+                && let Ok(pid) = libc::pid_t::try_from(pid)
+            {
+                // SAFETY: kill has no memory-safety preconditions; `pid` is our unreaped child.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+        let deadline = Instant::now() + TERM_GRACE;
+        loop {
+            let mut running = 0;
+            for (&pid, child) in &mut self.children {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        self.exited.insert(pid, status);
+                    }
+                    _ => running += 1,
+                }
+            }
+            self.children
+                .retain(|pid, _| !self.exited.contains_key(pid));
+            if running == 0 || Instant::now() >= deadline {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        for (pid, mut child) in std::mem::take(&mut self.children) {
+            let _ = child.kill();
+            let status = child
+                .wait()
+                .unwrap_or_else(|_| ExitStatus::from_raw(libc::SIGKILL));
+            self.exited.insert(pid, status);
+        }
+    }
+}
+
+impl Drop for Lab {
+    /// Stops the spawned processes, kills whatever else is left inside the lab's namespaces,
+    /// deletes the namespaces and the log directory. Never panics; problems go to stderr.
+    fn drop(&mut self) {
+        self.stop_children();
+        for name in &self.namespaces {
+            kill_inside(name);
+            if let Err(e) = run_checked("ip", &["netns", "del", name]) {
+                eprintln!("lb::netns: cannot delete namespace {name}: {e}");
+            }
+        }
+        if thread::panicking() {
+            eprintln!("lb::netns: lab logs kept in {}", self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Removes namespaces `lbt-{tag}-{pid}-…` whose pid is gone, killing the processes inside.
+fn cleanup_stale(tag: &str) {
+    let prefix = format!("lbt-{tag}-");
+    let Ok(entries) = fs::read_dir(NETNS_RUN_DIR) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue; // its lab may still be running
+        }
+        kill_inside(&name);
+        if let Err(e) = run_checked("ip", &["netns", "del", &name]) {
+            eprintln!("lb::netns: cannot delete stale namespace {name}: {e}");
+        }
+    }
+}
+
+/// The (device, inode) identity of a network namespace file.
+fn ns_identity(path: &Path) -> Option<(u64, u64)> {
+    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Pids of processes (other than this one) whose network namespace is `id`.
+fn pids_inside(id: (u64, u64)) -> Vec<i32> {
+    let me = i32::try_from(std::process::id()).unwrap_or(-1);
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| ns_identity(Path::new(&format!("/proc/{pid}/ns/net"))) == Some(id))
+        .collect()
+}
+
+/// SIGKILLs every process inside namespace `name` (not this process) and waits up to 2 s for
+/// them to be gone. Race-free against pid reuse: the process is pinned with a pidfd and its
+/// namespace checked again before the signal goes through that pidfd.
+fn kill_inside(name: &str) {
+    let Some(id) = ns_identity(&Path::new(NETNS_RUN_DIR).join(name)) else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let pids = pids_inside(id);
+        if pids.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            eprintln!("lb::netns: processes {pids:?} still inside {name}");
+            return;
+        }
+        for pid in pids {
+            kill_pinned(pid, id);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGKILLs `pid` if, once pinned by a pidfd, it is still inside namespace `id`.
+fn kill_pinned(pid: i32, id: (u64, u64)) {
+    // SAFETY: pidfd_open takes a pid and flags by value and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let Ok(fd) = i32::try_from(fd) else {
+        return;
+    };
+    if fd < 0 {
+        return;
+    }
+    if ns_identity(Path::new(&format!("/proc/{pid}/ns/net"))) == Some(id) {
+        // SAFETY: `fd` is the pidfd opened above; a null siginfo is allowed; flags are 0.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd,
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+    }
+    // SAFETY: `fd` was opened above, is owned here and closed exactly once.
+    unsafe { libc::close(fd) };
+}
+
+/// Runs `program args…`; a non-zero exit is an error naming the command and its stderr.
+fn run_checked(program: &str, args: &[&str]) -> io::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("`{program}`: {e}")))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(io::Error::other(format!(
+            "`{program} {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Errors unless `value` is non-empty ASCII letters and digits.
+fn check_word(what: &str, value: &str) -> io::Result<()> {
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{what} {value:?} must be ASCII letters and digits"
+        )))
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysctl_keys_map_to_proc_paths() {
+        assert_eq!(
+            sysctl_path("net.ipv4.conf.all.rp_filter").unwrap(),
+            Path::new("/proc/sys/net/ipv4/conf/all/rp_filter")
+        );
+        for bad in ["", "net..x", "net/ipv4", "../x", "net.ipv4.", "a b"] {
+            assert!(sysctl_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tags_and_short_names_are_plain_words() {
+        assert!(check_word("tag", "nh1").is_ok());
+        for bad in ["", "a-b", "a b", "a/b", "ä"] {
+            assert!(check_word("tag", bad).is_err(), "{bad:?}");
+        }
+    }
+}
