@@ -6,6 +6,13 @@
 //!   routing and neighbour tables find the next hop.
 //! - [`memory`]: an in-memory device, so the whole worker loop runs under `cargo test` without
 //!   root.
+//! - [`worker`]: the worker loop: a batch in, [`lb_core::forward::process`] per frame, a flush out;
+//!   one snapshot per batch.
+//! - [`control`]: the config in force, health and drain overrides, reloads, `status`.
+//! - [`socket`]: the control socket (Unix, 0600, line-delimited JSON) and its client.
+//! - [`exporter`]: the Prometheus metrics.
+//! - [`node`]: a running node (workers + control socket) on any devices; [`mux`]: `lb mux` on
+//!   AF_PACKET, with signals and the config-file watcher.
 //!
 //! Invariant to keep: nothing on the per-packet path allocates, locks or makes a syscall per
 //! packet.
