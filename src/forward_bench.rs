@@ -170,7 +170,15 @@ fn build(lab: &mut Lab, flows: u16) -> io::Result<Topology> {
         "nud",
         "permanent",
     ])?;
-    mux.ip(&["route", "add", "198.18.100.1/32", "via", BACKEND, "dev", "m-out"])?;
+    mux.ip(&[
+        "route",
+        "add",
+        "198.18.100.1/32",
+        "via",
+        BACKEND,
+        "dev",
+        "m-out",
+    ])?;
     let mux_mac = mac_of(&mux, "m-in")?;
     let sender_mac = mac_of(&sender, "s0")?;
     let frames = (0..flows.max(1))
@@ -306,7 +314,11 @@ pub fn table(cases: &[CaseResult]) -> String {
             c.median(),
             rounds.join(", "),
             median(&c.offered_pps),
-            if kernel > 0.0 { c.median() / kernel } else { 0.0 }
+            if kernel > 0.0 {
+                c.median() / kernel
+            } else {
+                0.0
+            }
         );
     }
     s

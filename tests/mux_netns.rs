@@ -116,7 +116,9 @@ fn send_udp(client: &Namespace, port: u16, first_port: u16, flows: u16, seq: std
                     let mut payload = port.to_be_bytes().to_vec();
                     payload.extend_from_slice(&(f as u32).to_be_bytes());
                     payload.extend_from_slice(&s.to_be_bytes());
-                    socket.send_to(&payload, SocketAddrV4::new(Fleet::VIP, port)).unwrap();
+                    socket
+                        .send_to(&payload, SocketAddrV4::new(Fleet::VIP, port))
+                        .unwrap();
                 }
                 // Bounded and gentle: the point is correctness, not rate.
                 std::thread::sleep(Duration::from_micros(200));
@@ -192,7 +194,9 @@ fn metrics_text(ns: &Namespace) -> String {
 
 #[test]
 fn every_flow_reaches_the_same_backend_through_either_mux_in_both_encaps() {
-    require_root("mux_netns::every_flow_reaches_the_same_backend_through_either_mux_in_both_encaps");
+    require_root(
+        "mux_netns::every_flow_reaches_the_same_backend_through_either_mux_in_both_encaps",
+    );
     let mut lab = Lab::new("muxecmp").unwrap();
     let fleet = Fleet::build(
         &mut lab,
@@ -254,11 +258,18 @@ fn every_flow_reaches_the_same_backend_through_either_mux_in_both_encaps() {
                 .filter(|c| c.inner.as_ref().is_ok_and(|i| i.protocol == 6))
                 .collect();
             assert!(syns.len() >= 16, "every SYN arrives: {}", syns.len());
-            assert!(syns.iter().all(|c| c.outer_protocol == 4), "web is IP-in-IP");
+            assert!(
+                syns.iter().all(|c| c.outer_protocol == 4),
+                "web is IP-in-IP"
+            );
         }
         let map = flows_of(&udp);
         for ((port, sport), (backends, via, _)) in &map {
-            assert_eq!(backends.len(), 1, "flow {port}/{sport} split over {backends:?}");
+            assert_eq!(
+                backends.len(),
+                1,
+                "flow {port}/{sport} split over {backends:?}"
+            );
             if route.len() == 1 {
                 assert_eq!(
                     via.iter().copied().collect::<Vec<_>>(),
@@ -296,11 +307,58 @@ fn every_flow_reaches_the_same_backend_through_either_mux_in_both_encaps() {
     )));
     assert!(metrics.contains("lb_drops_total{reason=\"internal\"} 0"));
 
+    // The operator's commands: lb status (text and JSON) and lb ctl.
+    let lb = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_lb"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lb {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let socket = muxes[0].socket.to_str().unwrap();
+    let text = lb(&["status", "--socket", socket]);
+    assert!(
+        text.contains("node mux1") && text.contains("fingerprint 0x"),
+        "{text}"
+    );
+    let json_status: Value =
+        serde_json::from_str(&lb(&["status", "--socket", socket, "--json"])).unwrap();
+    assert_eq!(
+        json_status["vips"][0]["fingerprint"],
+        s1["vips"][0]["fingerprint"]
+    );
+    let be1 = Fleet::backend_address(1).to_string();
+    lb(&["ctl", "--socket", socket, "drain", &be1, "--vip", "web"]);
+    assert_eq!(status(&muxes[0])["vips"][0]["backends"][0]["drained"], true);
+    lb(&["ctl", "--socket", socket, "undrain", &be1]);
+    assert_eq!(
+        status(&muxes[0])["vips"][0]["backends"][0]["drained"],
+        false
+    );
+    let refused = Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(["ctl", "--socket", socket, "drain", "198.18.99.99"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        refused.status.code(),
+        Some(1),
+        "an unknown backend is refused"
+    );
+
     // SIGTERM: exit 0, socket removed.
     for m in &muxes {
         lab.signal(m.pid, libc::SIGTERM).unwrap();
         let exit = lab.wait(m.pid, Duration::from_secs(10));
-        assert!(exit.is_some_and(|s| s.success()), "{exit:?}\n{}", lab.log(m.pid));
+        assert!(
+            exit.is_some_and(|s| s.success()),
+            "{exit:?}\n{}",
+            lab.log(m.pid)
+        );
         assert!(!m.socket.exists());
     }
 }
@@ -360,7 +418,10 @@ fn a_hundred_reloads_under_load_lose_and_reorder_nothing() {
             std::fs::write(&mux.config, config_a.replace("mtu = 1600", "mtu = 100")).unwrap();
             let answer = request(&mux.socket, &json!({"command": "reload"})).unwrap();
             assert_eq!(answer["ok"], false);
-            assert!(answer["error"].as_str().unwrap().contains("node.mtu"), "{answer}");
+            assert!(
+                answer["error"].as_str().unwrap().contains("node.mtu"),
+                "{answer}"
+            );
         }
     }
     sender.join().unwrap();
@@ -370,8 +431,12 @@ fn a_hundred_reloads_under_load_lose_and_reorder_nothing() {
         .iter()
         .filter_map(|c| {
             let inner = c.inner.as_ref().ok()?;
-            (inner.src_port == Some(31_000))
-                .then(|| (c.outer_dst, u32::from_be_bytes(inner.payload[..4].try_into().unwrap())))
+            (inner.src_port == Some(31_000)).then(|| {
+                (
+                    c.outer_dst,
+                    u32::from_be_bytes(inner.payload[..4].try_into().unwrap()),
+                )
+            })
         })
         .collect();
     let backends: BTreeSet<Ipv4Addr> = seqs.iter().map(|s| s.0).collect();
@@ -385,7 +450,20 @@ fn a_hundred_reloads_under_load_lose_and_reorder_nothing() {
     let s = status(&mux);
     assert!(s["reloads"]["ok"].as_u64().unwrap() >= reloads, "{s}");
     assert!(s["reloads"]["failed"].as_u64().unwrap() >= 1);
-    assert!(s["generation"].as_u64().unwrap() > 100);
+    let generation = s["generation"].as_u64().unwrap();
+    assert!(generation > 100);
+
+    // The file watcher: a changed file is picked up with no signal and no command.
+    std::fs::write(&mux.config, mux_config(1, &mux.socket, &[2, 1])).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status(&mux)["generation"].as_u64().unwrap() == generation {
+        assert!(
+            Instant::now() < deadline,
+            "the changed file was not reloaded"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(status(&mux)["vips"][0]["backends"][0]["weight"], 2);
 }
 
 #[test]
@@ -414,7 +492,13 @@ fn bad_frames_on_the_wire_are_counted_and_dropped() {
     bad_length[16] = 0xff;
     let unknown_protocol = udp_frame(mux_mac, router_mac, 200, 40_000);
     let before = status(&mux);
-    let frames = vec![bad_checksum, bad_version, truncated, bad_length, unknown_protocol];
+    let frames = vec![
+        bad_checksum,
+        bad_version,
+        truncated,
+        bad_length,
+        unknown_protocol,
+    ];
     fleet
         .router
         .enter(move || lb::blast::blast("r-m1", &frames, Duration::from_secs(5), 5 * 100))
@@ -424,18 +508,32 @@ fn bad_frames_on_the_wire_are_counted_and_dropped() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let after = loop {
         let s = status(&mux);
-        let frames = s["counters"]["frames"].as_u64().unwrap() - before["counters"]["frames"].as_u64().unwrap();
+        let frames = s["counters"]["frames"].as_u64().unwrap()
+            - before["counters"]["frames"].as_u64().unwrap();
         if frames >= 500 || Instant::now() > deadline {
             break s;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     let delta = |path: &[&str]| {
-        let get = |v: &Value| path.iter().fold(v.clone(), |v, k| v[*k].clone()).as_u64().unwrap();
+        let get = |v: &Value| {
+            path.iter()
+                .fold(v.clone(), |v, k| v[*k].clone())
+                .as_u64()
+                .unwrap()
+        };
         get(&after) - get(&before)
     };
-    assert_eq!(delta(&["counters", "drops", "bad_checksum"]), 100, "{after:#}");
-    assert_eq!(delta(&["counters", "drops", "malformed"]) + delta(&["counters", "drops", "truncated"]), 300, "{after:#}");
+    assert_eq!(
+        delta(&["counters", "drops", "bad_checksum"]),
+        100,
+        "{after:#}"
+    );
+    assert_eq!(
+        delta(&["counters", "drops", "malformed"]) + delta(&["counters", "drops", "truncated"]),
+        300,
+        "{after:#}"
+    );
     // A protocol no VIP serves is not ours: passed to the host (node.unmatched = "pass").
     assert_eq!(delta(&["counters", "passed"]), 100);
     assert_eq!(after["counters"]["drops"]["internal"], 0);
@@ -443,14 +541,20 @@ fn bad_frames_on_the_wire_are_counted_and_dropped() {
     let capture = EncapCapture::start(&fleet.backends[0]);
     send_udp(&fleet.client, ECHO, 41_000, 1, 0..10);
     assert_eq!(capture.wait_for(10, Duration::from_secs(5)).len(), 10);
-    assert!(lab.wait(mux.pid, Duration::ZERO).is_none(), "the node is alive");
+    assert!(
+        lab.wait(mux.pid, Duration::ZERO).is_none(),
+        "the node is alive"
+    );
 }
 
 fn mac(ns: &Namespace, ifname: &str) -> [u8; 6] {
     let out = ns.ip(&["-j", "link", "show", "dev", ifname]).unwrap();
     let v: Value = serde_json::from_str(&out).unwrap();
     let mut mac = [0u8; 6];
-    for (b, part) in mac.iter_mut().zip(v[0]["address"].as_str().unwrap().split(':')) {
+    for (b, part) in mac
+        .iter_mut()
+        .zip(v[0]["address"].as_str().unwrap().split(':'))
+    {
         *b = u8::from_str_radix(part, 16).unwrap();
     }
     mac
