@@ -37,6 +37,27 @@ pub struct Config {
     /// The virtual IPs, each with its backends.
     #[serde(default, rename = "vip")]
     pub vips: Vec<VipConfig>,
+    /// The backend agent's settings (`lb agent`); muxes ignore them.
+    #[serde(default)]
+    pub agent: Option<AgentConfig>,
+}
+
+/// Settings of `lb agent` on a backend host. The host's own address (its identity in the VIPs'
+/// backend lists, and the outer source when it chains a packet on) is `node.address_v4` or
+/// `node.address_v6`; encapsulated packets arrive on `node.interface`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The TUN device decapsulated packets are written into (created if missing).
+    #[serde(default = "default_tun")]
+    pub tun: String,
+    /// Where encapsulated packets may come from: the muxes' addresses or prefixes. Anything
+    /// else is dropped and counted (it would let anyone inject traffic for a VIP).
+    pub muxes: Vec<ipnet::IpNet>,
+    /// How long after a backend change a packet for a connection this host does not have is
+    /// chained on to the previous backend (Beamer daisy chaining); 0 turns chaining off.
+    #[serde(default = "default_chain_window")]
+    pub chain_window_seconds: u32,
 }
 
 /// Settings of the node running `lb`: where it sends from and how it treats traffic.
@@ -269,6 +290,12 @@ fn default_mtu() -> u16 {
 fn default_ttl() -> u8 {
     64
 }
+fn default_tun() -> String {
+    "lbtun0".to_owned()
+}
+fn default_chain_window() -> u32 {
+    30
+}
 /// Default connection-table slots per worker: 2^18 (about 15 MiB).
 pub const DEFAULT_CONNTRACK_CAPACITY: u32 = 1 << 18;
 fn default_conntrack_capacity() -> u32 {
@@ -375,6 +402,9 @@ impl Config {
             );
         }
         self.node.validate(&mut fail);
+        if let Some(agent) = &self.agent {
+            agent.validate(&mut fail);
+        }
         let mut names: BTreeMap<&str, usize> = BTreeMap::new();
         for (i, vip) in self.vips.iter().enumerate() {
             let at = format!("vip[{i}]");
@@ -525,6 +555,46 @@ impl NodeConfig {
             fail(
                 "node.control_socket".into(),
                 "the control socket path is empty".into(),
+            );
+        }
+    }
+}
+
+impl AgentConfig {
+    fn validate(&self, fail: &mut impl FnMut(String, String)) {
+        if self.tun.is_empty()
+            || self.tun.len() > 15
+            || !self
+                .tun
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            fail(
+                "agent.tun".into(),
+                format!(
+                    "{:?} is not a usable interface name (1 to 15 letters, digits, '-', '_', '.')",
+                    self.tun
+                ),
+            );
+        }
+        if self.muxes.is_empty() {
+            fail(
+                "agent.muxes".into(),
+                "list the muxes' addresses or prefixes: encapsulated packets from anywhere else are dropped".into(),
+            );
+        }
+        for (i, net) in self.muxes.iter().enumerate() {
+            if net.prefix_len() == 0 {
+                fail(
+                    format!("agent.muxes[{i}]"),
+                    format!("{net} accepts encapsulated packets from anywhere"),
+                );
+            }
+        }
+        if self.chain_window_seconds > 3600 {
+            fail(
+                "agent.chain_window_seconds".into(),
+                format!("{} s is over an hour; connections should have settled long before", self.chain_window_seconds),
             );
         }
     }
