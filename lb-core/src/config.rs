@@ -594,7 +594,10 @@ impl AgentConfig {
         if self.chain_window_seconds > 3600 {
             fail(
                 "agent.chain_window_seconds".into(),
-                format!("{} s is over an hour; connections should have settled long before", self.chain_window_seconds),
+                format!(
+                    "{} s is over an hour; connections should have settled long before",
+                    self.chain_window_seconds
+                ),
             );
         }
     }

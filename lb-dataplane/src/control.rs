@@ -536,6 +536,18 @@ impl ControlPlane {
     }
 }
 
+impl crate::socket::ControlHandler for ControlPlane {
+    fn handle_line(&self, line: &str) -> Value {
+        ControlPlane::handle_line(self, line)
+    }
+
+    fn stopping(&self) -> bool {
+        self.shared
+            .shutdown
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// One worker's liveness and batch figures.
 #[derive(Clone, Debug, Default)]
 pub struct WorkerSummary {

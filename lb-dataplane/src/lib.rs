@@ -18,6 +18,7 @@
 //! packet.
 
 pub mod afpacket;
+pub mod agent;
 pub mod control;
 pub mod device;
 pub mod exporter;

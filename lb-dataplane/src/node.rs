@@ -55,7 +55,10 @@ impl Mux {
         socket_path: &Path,
     ) -> io::Result<Self> {
         let conntrack = conntrack_config(&plane.config());
-        let socket = ControlSocket::serve(Arc::clone(&plane), socket_path)?;
+        let socket = ControlSocket::serve(
+            Arc::clone(&plane) as Arc<dyn crate::socket::ControlHandler>,
+            socket_path,
+        )?;
         let mut workers = Vec::with_capacity(devices.len());
         for (id, (rx, tx)) in devices.into_iter().enumerate() {
             let handle = worker::spawn(id, rx, tx, conntrack, Arc::clone(plane.shared()))?;

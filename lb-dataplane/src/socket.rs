@@ -6,21 +6,27 @@
 //! is answered with an error and the connection closed, so a client cannot make the mux hold
 //! unbounded input.
 //!
-//! **Invariant.** Nothing here touches the hot path: requests go to the
-//! [`ControlPlane`], which publishes snapshots.
+//! **Invariant.** Nothing here touches the hot path: requests go to a [`ControlHandler`] (the
+//! mux's [`crate::control::ControlPlane`], the agent), which publishes snapshots or reads
+//! counters.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::control::ControlPlane;
+/// What answers a control socket's requests.
+pub trait ControlHandler: Send + Sync + 'static {
+    /// Answers one request line with a JSON object that has `"ok"`.
+    fn handle_line(&self, line: &str) -> Value;
+    /// Whether the process is stopping (the server stops accepting then).
+    fn stopping(&self) -> bool;
+}
 
 /// The longest request line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -37,7 +43,7 @@ impl ControlSocket {
     /// Binds `path` (mode 0600; its directory is created with mode 0700 if missing) and serves
     /// `plane` until the shared shutdown flag is set. Refuses a path where a live server
     /// answers; replaces a stale socket file.
-    pub fn serve(plane: Arc<ControlPlane>, path: &Path) -> io::Result<Self> {
+    pub fn serve(plane: Arc<dyn ControlHandler>, path: &Path) -> io::Result<Self> {
         let context = |what: &str, e: io::Error| {
             io::Error::new(
                 e.kind(),
@@ -98,8 +104,8 @@ impl Drop for ControlSocket {
     }
 }
 
-fn accept_loop(plane: &Arc<ControlPlane>, listener: &UnixListener) {
-    while !plane.shared().shutdown.load(Ordering::Relaxed) {
+fn accept_loop(plane: &Arc<dyn ControlHandler>, listener: &UnixListener) {
+    while !plane.stopping() {
         match listener.accept() {
             Ok((stream, _)) => {
                 let plane = Arc::clone(plane);
@@ -107,7 +113,7 @@ fn accept_loop(plane: &Arc<ControlPlane>, listener: &UnixListener) {
                     thread::Builder::new()
                         .name("lb-control-conn".into())
                         .spawn(move || {
-                            if let Err(e) = serve_connection(&plane, stream) {
+                            if let Err(e) = serve_connection(plane.as_ref(), stream) {
                                 tracing::debug!(error = %e, "control connection ended");
                             }
                         });
@@ -124,14 +130,14 @@ fn accept_loop(plane: &Arc<ControlPlane>, listener: &UnixListener) {
     }
 }
 
-fn serve_connection(plane: &ControlPlane, stream: UnixStream) -> io::Result<()> {
+fn serve_connection(plane: &dyn ControlHandler, stream: UnixStream) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(TICK))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
     loop {
-        if plane.shared().shutdown.load(Ordering::Relaxed) {
+        if plane.stopping() {
             return Ok(());
         }
         let limit = (MAX_LINE + 1 - line.len()) as u64;
@@ -165,7 +171,7 @@ fn serve_connection(plane: &ControlPlane, stream: UnixStream) -> io::Result<()> 
     }
 }
 
-fn answer_line(plane: &ControlPlane, line: &[u8], writer: &mut UnixStream) -> io::Result<()> {
+fn answer_line(plane: &dyn ControlHandler, line: &[u8], writer: &mut UnixStream) -> io::Result<()> {
     let text = String::from_utf8_lossy(line);
     let text = text.trim();
     if text.is_empty() {

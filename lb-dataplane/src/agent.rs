@@ -1,0 +1,370 @@
+//! `lb agent`: the backend host's side of the fleet (Ananta's host agent, Beamer's backend
+//! module). It receives the muxes' encapsulated packets, checks where they come from and where
+//! they go, and writes the inner packet into a TUN device, so the kernel delivers it to the
+//! server listening on the VIP (which sits on `lo`). The server's reply leaves with the VIP as
+//! source, straight to the router: direct server return.
+//!
+//! **Receive path.** An AF_PACKET TPACKET_V3 ring on `node.interface` (IP-in-IP, IPv6-in-IP,
+//! the mixed-family forms and GRE, over IPv4 or IPv6, all in one place), plus raw sockets for
+//! protocols 4, 41 and 47 with a drop-everything filter: they exist only so that the kernel does
+//! not answer each tunnel packet with ICMP "protocol unreachable".
+//!
+//! **The decision** ([`classify`], pure):
+//! 1. Not a tunnel packet to one of this host's addresses: not ours, ignored (host traffic).
+//! 2. The outer source is not one of `agent.muxes`: rejected and counted. Otherwise anyone could
+//!    inject traffic for a VIP.
+//! 3. The inner destination is not a VIP of the config: rejected and counted.
+//! 4. **Daisy chaining (Beamer).** A GRE key carries the [`backend_tag`] of the flow's previous
+//!    backend, set by a mux for a slot whose backend changed within its window. A TCP packet
+//!    that is not a SYN, for a connection this host does not have (the kernel's socket table,
+//!    asked through sock_diag), is sent on once to that previous backend, in GRE without a key,
+//!    so it cannot bounce again.
+//! 5. Otherwise it is delivered: written into the TUN.
+//!
+//! **Production alternative.** On hosts whose kernel has ipip/gre devices, the kernel can
+//! decapsulate instead (`ip link add ... type ipip/gre`, the VIP on `lo`, rp_filter loose). The
+//! agent still adds what the kernel does not: accepting only the muxes, checking the VIP, and
+//! daisy chaining.
+//!
+//! **Invariants.** Nothing panics on packet input; every rejected packet has a reason and a
+//! counter; a packet is chained at most once (chained packets carry no key).
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use lb_core::config::Config;
+use lb_core::encap::{DecapError, decapsulate};
+use lb_core::packet::{self, Kind, Link};
+use lb_core::snapshot::backend_tag;
+
+/// Why the agent refused a tunnel packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reject {
+    /// The tunnel or inner packet is malformed or truncated.
+    Malformed,
+    /// The outer source is not a configured mux.
+    ForeignSource,
+    /// The inner destination is not a configured VIP.
+    UnknownVip,
+}
+
+impl Reject {
+    /// Every reason, in counter order.
+    pub const ALL: [Self; 3] = [Self::Malformed, Self::ForeignSource, Self::UnknownVip];
+
+    /// The counter's name (`lb_agent_rejected_total{reason="…"}`).
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::ForeignSource => "foreign_source",
+            Self::UnknownVip => "unknown_vip",
+        }
+    }
+}
+
+/// What to do with one received IP packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict<'a> {
+    /// Not a tunnel packet for this host: leave it to the kernel.
+    NotOurs,
+    /// Drop and count.
+    Reject(Reject),
+    /// Write the inner packet into the TUN.
+    Deliver(&'a [u8]),
+    /// Send the inner packet on to the previous backend `to` (GRE, no key).
+    Chain {
+        /// The inner packet.
+        inner: &'a [u8],
+        /// The previous backend.
+        to: IpAddr,
+    },
+    /// Delivered locally although it carried a previous backend this host does not know.
+    DeliverUnknownPrevious(&'a [u8]),
+}
+
+/// What [`classify`] checks against, built from the config.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    addresses: Vec<IpAddr>,
+    my_tags: Vec<u32>,
+    muxes: Vec<IpNet>,
+    vips: BTreeSet<IpAddr>,
+    previous: HashMap<u32, IpAddr>,
+    chaining: bool,
+}
+
+impl Policy {
+    /// The policy of the agent the config describes: its addresses are `node.address_v4/v6`,
+    /// which must be a backend of at least one VIP.
+    pub fn from_config(config: &Config) -> Result<Self, String> {
+        let agent = config
+            .agent
+            .as_ref()
+            .ok_or("the config has no [agent] section")?;
+        let addresses: Vec<IpAddr> = [config.node.address_v4, config.node.address_v6]
+            .into_iter()
+            .flatten()
+            .collect();
+        let backends: BTreeSet<IpAddr> = config
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(|b| b.address))
+            .collect();
+        if !addresses.iter().any(|a| backends.contains(a)) {
+            return Err(format!(
+                "node.address_v4/address_v6 ({addresses:?}) is not a backend of any VIP: the agent would receive nothing"
+            ));
+        }
+        let mut previous = HashMap::new();
+        for &b in &backends {
+            if let Some(other) = previous.insert(backend_tag(b), b) {
+                return Err(format!(
+                    "backends {other} and {b} have the same 32-bit tag: daisy chaining could not tell them apart; rename one"
+                ));
+            }
+        }
+        Ok(Self {
+            my_tags: addresses.iter().map(|&a| backend_tag(a)).collect(),
+            addresses,
+            muxes: agent.muxes.clone(),
+            vips: config.vips.iter().map(|v| v.address).collect(),
+            previous,
+            chaining: agent.chain_window_seconds > 0,
+        })
+    }
+
+    /// This host's addresses.
+    #[must_use]
+    pub fn addresses(&self) -> &[IpAddr] {
+        &self.addresses
+    }
+
+    /// The accepted mux prefixes.
+    #[must_use]
+    pub fn muxes(&self) -> &[IpNet] {
+        &self.muxes
+    }
+}
+
+/// Decides what to do with `packet` (starting at its outer IP header). `has_connection(local,
+/// remote)` answers whether this host has a TCP connection with that local (VIP) and remote
+/// (client) end; it is asked only for chaining candidates.
+pub fn classify<'a>(
+    packet: &'a [u8],
+    policy: &Policy,
+    has_connection: &mut dyn FnMut(SocketAddr, SocketAddr) -> bool,
+) -> Verdict<'a> {
+    let tunnel = match decapsulate(packet) {
+        Ok(t) => t,
+        Err(DecapError::OuterNotIp { .. } | DecapError::UnsupportedProtocol { .. }) => {
+            return Verdict::NotOurs;
+        }
+        Err(_) => {
+            // Malformed, but only ours to count if it was addressed to us.
+            return match outer_destination(packet) {
+                Some(dst) if policy.addresses.contains(&dst) => Verdict::Reject(Reject::Malformed),
+                _ => Verdict::NotOurs,
+            };
+        }
+    };
+    if !policy.addresses.contains(&tunnel.outer_dst) {
+        return Verdict::NotOurs;
+    }
+    if !policy.muxes.iter().any(|n| n.contains(&tunnel.outer_src)) {
+        return Verdict::Reject(Reject::ForeignSource);
+    }
+    let Ok(inner) = packet::parse(tunnel.inner, Link::Ip) else {
+        return Verdict::Reject(Reject::Malformed);
+    };
+    let Some(inner_flow) = inner.kind.flow() else {
+        return Verdict::Reject(Reject::Malformed);
+    };
+    if !policy.vips.contains(&inner_flow.dst()) {
+        return Verdict::Reject(Reject::UnknownVip);
+    }
+    let Some(tag) = tunnel
+        .gre_key
+        .filter(|t| policy.chaining && !policy.my_tags.contains(t))
+    else {
+        return Verdict::Deliver(inner.ip);
+    };
+    let Kind::Transport { flow, syn } = inner.kind else {
+        return Verdict::Deliver(inner.ip);
+    };
+    if flow.protocol() != lb_core::flow::PROTO_TCP || syn {
+        // A SYN starts a connection here; UDP has no connection to look up.
+        return Verdict::Deliver(inner.ip);
+    }
+    let local = SocketAddr::new(flow.dst(), flow.dst_port());
+    let remote = SocketAddr::new(flow.src(), flow.src_port());
+    if has_connection(local, remote) {
+        return Verdict::Deliver(inner.ip);
+    }
+    match policy.previous.get(&tag) {
+        Some(&to) => Verdict::Chain {
+            inner: inner.ip,
+            to,
+        },
+        None => Verdict::DeliverUnknownPrevious(inner.ip),
+    }
+}
+
+fn outer_destination(packet: &[u8]) -> Option<IpAddr> {
+    crate::device::ip_destination(packet)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use etherparse::PacketBuilder;
+    use lb_core::encap::{EncapKind, EncapParams, encapsulate};
+
+    use super::*;
+
+    const ME: &str = "198.18.21.2";
+    const OTHER: &str = "198.18.22.2";
+    const MUX: &str = "198.18.11.2";
+    const VIP: [u8; 4] = [198, 18, 100, 1];
+
+    fn config(chain_window: u32) -> Config {
+        Config::from_toml(
+            &format!(
+                "[node]\naddress_v4 = \"{ME}\"\n[agent]\nmuxes = [\"198.18.11.0/24\"]\nchain_window_seconds = {chain_window}\n\
+                 [[vip]]\nname = \"web\"\naddress = \"198.18.100.1\"\nprotocol = \"tcp\"\nport = 80\nencap = \"gre\"\n\
+                 [[vip.backend]]\naddress = \"{ME}\"\n[[vip.backend]]\naddress = \"{OTHER}\"\n"
+            ),
+            "agent.toml",
+        )
+        .unwrap()
+    }
+
+    fn tcp(dst: [u8; 4], syn: bool) -> Vec<u8> {
+        let b = PacketBuilder::ipv4([198, 18, 1, 2], dst, 64).tcp(40_000, 80, 1, 1000);
+        let b = if syn { b.syn() } else { b.ack(7) };
+        let mut out = Vec::new();
+        b.write(&mut out, b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        out
+    }
+
+    fn tunnel(inner: &[u8], src: &str, dst: &str, key: Option<u32>) -> Vec<u8> {
+        let mut out = vec![0u8; inner.len() + 64];
+        let n = encapsulate(
+            inner,
+            &EncapParams {
+                outer_src: src.parse().unwrap(),
+                outer_dst: dst.parse().unwrap(),
+                ttl: 64,
+                kind: EncapKind::Gre { key },
+            },
+            &mut out,
+        )
+        .unwrap();
+        out.truncate(n);
+        out
+    }
+
+    /// A verdict that owns its packet, to compare in assertions.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Owned {
+        NotOurs,
+        Reject(Reject),
+        Deliver(Vec<u8>),
+        Chain(Vec<u8>, IpAddr),
+        DeliverUnknownPrevious(Vec<u8>),
+    }
+
+    fn run(packet: &[u8], policy: &Policy, local: bool) -> Owned {
+        match classify(packet, policy, &mut |_, _| local) {
+            Verdict::NotOurs => Owned::NotOurs,
+            Verdict::Reject(r) => Owned::Reject(r),
+            Verdict::Deliver(p) => Owned::Deliver(p.to_vec()),
+            Verdict::Chain { inner, to } => Owned::Chain(inner.to_vec(), to),
+            Verdict::DeliverUnknownPrevious(p) => Owned::DeliverUnknownPrevious(p.to_vec()),
+        }
+    }
+
+    #[test]
+    fn delivers_from_muxes_and_rejects_the_rest() {
+        let policy = Policy::from_config(&config(30)).unwrap();
+        let inner = tcp(VIP, true);
+        let ok = tunnel(&inner, MUX, ME, None);
+        assert_eq!(run(&ok, &policy, false), Owned::Deliver(inner.clone()));
+        let spoofed = tunnel(&inner, "198.18.1.2", ME, None);
+        assert_eq!(
+            run(&spoofed, &policy, false),
+            Owned::Reject(Reject::ForeignSource)
+        );
+        let not_a_vip = tunnel(&tcp([198, 18, 100, 9], true), MUX, ME, None);
+        assert_eq!(
+            run(&not_a_vip, &policy, false),
+            Owned::Reject(Reject::UnknownVip)
+        );
+        let for_someone_else = tunnel(&inner, MUX, OTHER, None);
+        assert_eq!(run(&for_someone_else, &policy, false), Owned::NotOurs);
+        assert_eq!(
+            run(&inner, &policy, false),
+            Owned::NotOurs,
+            "plain TCP is host traffic"
+        );
+        let mut broken = ok.clone();
+        broken.truncate(30);
+        broken[2..4].copy_from_slice(&30u16.to_be_bytes());
+        assert_eq!(
+            run(&broken, &policy, false),
+            Owned::Reject(Reject::Malformed)
+        );
+        for n in 0..ok.len() {
+            let _ = classify(&ok[..n], &policy, &mut |_, _| false);
+        }
+    }
+
+    #[test]
+    fn chains_only_mid_connection_packets_this_host_does_not_have() {
+        let policy = Policy::from_config(&config(30)).unwrap();
+        let previous = backend_tag(OTHER.parse().unwrap());
+        let ack = tcp(VIP, false);
+        let keyed = tunnel(&ack, MUX, ME, Some(previous));
+        assert_eq!(
+            run(&keyed, &policy, false),
+            Owned::Chain(ack.clone(), OTHER.parse().unwrap())
+        );
+        assert!(
+            matches!(run(&keyed, &policy, true), Owned::Deliver(_)),
+            "local connection"
+        );
+        let syn = tunnel(&tcp(VIP, true), MUX, ME, Some(previous));
+        assert!(
+            matches!(run(&syn, &policy, false), Owned::Deliver(_)),
+            "a SYN starts here"
+        );
+        let unknown = tunnel(&ack, MUX, ME, Some(0x1234_5678));
+        assert!(matches!(
+            run(&unknown, &policy, false),
+            Owned::DeliverUnknownPrevious(_)
+        ));
+        let mine = tunnel(&ack, MUX, ME, Some(backend_tag(ME.parse().unwrap())));
+        assert!(
+            matches!(run(&mine, &policy, false), Owned::Deliver(_)),
+            "never to itself"
+        );
+        let off = Policy::from_config(&config(0)).unwrap();
+        assert!(
+            matches!(run(&keyed, &off, false), Owned::Deliver(_)),
+            "window 0: no chaining"
+        );
+    }
+
+    #[test]
+    fn an_agent_that_is_no_backend_is_refused() {
+        let mut c = config(30);
+        c.node.address_v4 = Some(IpAddr::V4(Ipv4Addr::new(198, 18, 29, 9)));
+        assert!(
+            Policy::from_config(&c)
+                .unwrap_err()
+                .contains("not a backend")
+        );
+    }
+}
