@@ -32,14 +32,22 @@ use crate::control::ControlPlane;
 /// How often the registry is refreshed from the workers' reports.
 pub const UPDATE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Installs the exporter on `address` and starts the thread that refreshes it.
-pub fn start(plane: Arc<ControlPlane>, address: SocketAddr) -> Result<(), String> {
+/// Installs the Prometheus exporter on `address` (once per process).
+pub fn install(address: SocketAddr) -> Result<(), String> {
     PrometheusBuilder::new()
         .with_http_listener(address)
         // A table's old fingerprint series disappears once a reload replaced it.
         .idle_timeout(MetricKindMask::GAUGE, Some(10 * UPDATE_INTERVAL))
         .install()
         .map_err(|e| format!("metrics exporter on {address}: {e}"))?;
+    tracing::info!(%address, "metrics exporter listening on /metrics");
+    Ok(())
+}
+
+/// Installs the exporter on `address` and starts the thread that refreshes it from the mux's
+/// control plane.
+pub fn start(plane: Arc<ControlPlane>, address: SocketAddr) -> Result<(), String> {
+    install(address)?;
     thread::Builder::new()
         .name("lb-metrics".into())
         .spawn(move || {
@@ -49,7 +57,6 @@ pub fn start(plane: Arc<ControlPlane>, address: SocketAddr) -> Result<(), String
             }
         })
         .map_err(|e| format!("metrics thread: {e}"))?;
-    tracing::info!(%address, "metrics exporter listening on /metrics");
     Ok(())
 }
 
