@@ -8,6 +8,7 @@
 //! - [`maglev`]: weighted Maglev lookup tables (NSDI 2016 §3.4), their fingerprint and diff.
 //! - [`config`]: the TOML configuration model and its validation.
 //! - [`snapshot`]: a config compiled for the hot path (VIP match, tables, backends).
+//! - [`snat`]: egress SNAT (Ananta): the config section, port-range ownership, the agent's NAT table.
 //! - [`packet`]: parsing frames into the facts the decision steers by.
 //! - [`conntrack`]: the per-worker connection table (fixed capacity, SYN-flood safe).
 //! - [`encap`]: IP-in-IP and GRE encapsulation and decapsulation.
@@ -25,6 +26,7 @@ pub mod hash;
 pub mod maglev;
 pub mod packet;
 pub mod snapshot;
+pub mod snat;
 
 pub use flow::FlowKey;
 pub use maglev::{BackendId, MaglevBuilder, MaglevTable, TableDiff};
