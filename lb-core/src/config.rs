@@ -37,6 +37,10 @@ pub struct Config {
     /// The virtual IPs, each with its backends.
     #[serde(default, rename = "vip")]
     pub vips: Vec<VipConfig>,
+    /// Egress SNAT (Ananta): per VIP address, the port space its backends share for outbound
+    /// connections with the VIP as source.
+    #[serde(default, rename = "snat")]
+    pub snats: Vec<crate::snat::SnatConfig>,
     /// The backend agent's settings (`lb agent`); muxes ignore them.
     #[serde(default)]
     pub agent: Option<AgentConfig>,
@@ -405,6 +409,7 @@ impl Config {
         if let Some(agent) = &self.agent {
             agent.validate(&mut fail);
         }
+        self.validate_snat(&mut fail);
         let mut names: BTreeMap<&str, usize> = BTreeMap::new();
         for (i, vip) in self.vips.iter().enumerate() {
             let at = format!("vip[{i}]");
@@ -437,6 +442,66 @@ impl Config {
             vip.validate(&at, &self.node, &mut fail);
         }
         problems
+    }
+
+    /// SNAT sections: each valid, one per address, the address a VIP's, and no service port of
+    /// that address inside the SNAT port space (a reply to it would be ambiguous).
+    fn validate_snat(&self, fail: &mut impl FnMut(String, String)) {
+        let mut seen: BTreeMap<IpAddr, usize> = BTreeMap::new();
+        for (i, snat) in self.snats.iter().enumerate() {
+            let at = format!("snat[{i}]");
+            snat.validate(&at, fail);
+            if let Some(first) = seen.insert(snat.address, i) {
+                fail(
+                    format!("{at}.address"),
+                    format!("{} already has SNAT in snat[{first}]", snat.address),
+                );
+            }
+            let on_address: Vec<(usize, &VipConfig)> = self
+                .vips
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.address == snat.address)
+                .collect();
+            if on_address.is_empty() {
+                fail(
+                    format!("{at}.address"),
+                    format!(
+                        "{} is no VIP's address: return traffic to it would not reach the muxes' VIP match",
+                        snat.address
+                    ),
+                );
+            }
+            for (j, v) in on_address {
+                let clash = match v.port {
+                    PortSpec::All => true,
+                    PortSpec::Port(p) => (snat.first_port..=snat.last_port).contains(&p),
+                };
+                if clash {
+                    fail(
+                        format!("{at}"),
+                        format!(
+                            "ports {}..={} include vip[{j}] ({:?}, {} port {}): a reply to that port could not be told from a connection to the service; move the SNAT space",
+                            snat.first_port, snat.last_port, v.name, v.protocol, v.port
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The backends that share the SNAT port space of `address`: every backend of a VIP on it.
+    #[must_use]
+    pub fn snat_backends(&self, address: IpAddr) -> Vec<IpAddr> {
+        let mut all: Vec<IpAddr> = self
+            .vips
+            .iter()
+            .filter(|v| v.address == address)
+            .flat_map(|v| v.backends.iter().map(|b| b.address))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
     }
 
     /// Things that are valid but probably not what the operator wants (shown by
@@ -802,6 +867,35 @@ mod tests {
             c.vips[0].table().unwrap().slot_counts().iter().sum::<u32>(),
             DEFAULT_TABLE_SIZE
         );
+    }
+
+    #[test]
+    fn agent_and_snat_sections_validate_with_field_paths() {
+        let agent = format!(
+            "{GOOD}\n[agent]\nmuxes = [\"198.18.11.0/24\"]\n[[snat]]\naddress = \"198.18.100.1\"\n"
+        );
+        let c = Config::from_toml(&agent, "t").unwrap();
+        let a = c.agent.as_ref().unwrap();
+        assert_eq!((a.tun.as_str(), a.chain_window_seconds), ("lbtun0", 30));
+        assert_eq!(c.snats[0].first_port, 1024);
+        assert_eq!(c.snat_backends("198.18.100.1".parse().unwrap()).len(), 2);
+        let p = only_problem(&agent.replace("[\"198.18.11.0/24\"]", "[]"));
+        assert_eq!(p.field, "agent.muxes");
+        let p = only_problem(&agent.replace("198.18.11.0/24", "0.0.0.0/0"));
+        assert_eq!(p.field, "agent.muxes[0]");
+        let p = only_problem(&format!("{agent}first_port = 1\n"));
+        assert_eq!(p.field, "snat[0]", "port 80 lies in the SNAT space: {p:?}");
+        let p = only_problem(&format!("{agent}range_size = 6\n"));
+        assert_eq!(p.field, "snat[0].range_size");
+        let p = only_problem(
+            &agent
+                .replace("address = \"198.18.100.1\"\n\n", "x")
+                .replace(
+                    "[[snat]]\naddress = \"198.18.100.1\"",
+                    "[[snat]]\naddress = \"198.18.100.7\"",
+                ),
+        );
+        assert_eq!(p.field, "snat[0].address", "{p:?}");
     }
 
     #[test]
