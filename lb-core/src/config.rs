@@ -479,7 +479,7 @@ impl Config {
                 };
                 if clash {
                     fail(
-                        format!("{at}"),
+                        at.clone(),
                         format!(
                             "ports {}..={} include vip[{j}] ({:?}, {} port {}): a reply to that port could not be told from a connection to the service; move the SNAT space",
                             snat.first_port, snat.last_port, v.name, v.protocol, v.port
