@@ -4,6 +4,8 @@
 //! - [`afpacket`]: AF_PACKET TPACKET_V3 receive rings with `PACKET_FANOUT_HASH`.
 //! - [`rawip`]: batched transmission of IP packets on raw sockets (`sendmmsg`); the kernel's
 //!   routing and neighbour tables find the next hop.
+//! - [`tun`]: a TUN device (`IFF_TUN | IFF_NO_PI`) where the agent injects decapsulated packets.
+//! - [`sockdiag`]: `NETLINK_SOCK_DIAG` lookups of one TCP 4-tuple (does this host have it?).
 //! - [`memory`]: an in-memory device, so the whole worker loop runs under `cargo test` without
 //!   root.
 //! - [`worker`]: the worker loop: a batch in, [`lb_core::forward::process`] per frame, a flush out;
@@ -26,5 +28,7 @@ pub mod memory;
 pub mod mux;
 pub mod node;
 pub mod rawip;
+pub mod sockdiag;
 pub mod socket;
+pub mod tun;
 pub mod worker;
