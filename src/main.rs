@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use lb::{bench, forward_bench, table};
 use lb_core::config::Config;
+use lb_dataplane::agent_run::{self, AgentOptions};
 use lb_dataplane::control::render_status;
 use lb_dataplane::mux::{self, MuxOptions};
 use lb_dataplane::socket::request;
@@ -44,6 +45,22 @@ enum Command {
     /// Reloads on SIGHUP, on a change of the file, and on `lb ctl reload`; stops on SIGTERM.
     Mux {
         /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The control socket (default: node.control_socket, or /run/lb/<node name>.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Where the Prometheus exporter listens (default: node.metrics_address).
+        #[arg(long, conflicts_with = "no_metrics")]
+        metrics: Option<SocketAddr>,
+        /// Do not start the Prometheus exporter.
+        #[arg(long)]
+        no_metrics: bool,
+    },
+    /// Run the backend agent: decapsulate what the muxes send, deliver it through a TUN (the
+    /// VIP is on lo, replies go straight to the router), chain packets of moved connections on.
+    Agent {
+        /// The config file (with an [agent] section).
         #[arg(long)]
         config: PathBuf,
         /// The control socket (default: node.control_socket, or /run/lb/<node name>.sock).
@@ -268,6 +285,21 @@ fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 no_metrics,
             };
             mux::run(&options).map_err(|e| anyhow::anyhow!(e))?;
+        }
+        Command::Agent {
+            config,
+            socket,
+            metrics,
+            no_metrics,
+        } => {
+            init_logs();
+            let options = AgentOptions {
+                config,
+                control_socket: socket,
+                metrics_address: metrics,
+                no_metrics,
+            };
+            agent_run::run(&options).map_err(|e| anyhow::anyhow!(e))?;
         }
         Command::Status { socket, json } => {
             let answer = request(&socket.path()?, &json!({"command": "status"}))?;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use lb_core::config::Config;
 use lb_core::encap::{EncapKind, EncapParams, encapsulate};
-use lb_core::packet::{self, Link};
+use lb_core::packet;
 use serde_json::{Value, json};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -29,8 +29,8 @@ use crate::afpacket::{AfPacketReceiver, RingConfig};
 use crate::agent::{Policy, Reject, Verdict, classify};
 use crate::device::{Receiver, Transmitter};
 use crate::rawip::RawIpTransmitter;
-use crate::socket::{ControlHandler, ControlSocket};
 use crate::sockdiag::SockDiag;
+use crate::socket::{ControlHandler, ControlSocket};
 use crate::tun::Tun;
 use crate::worker::{BATCH_FRAMES, POLL_TIMEOUT, REPORT_INTERVAL};
 
@@ -82,7 +82,9 @@ impl ControlHandler for Shared {
     fn handle_line(&self, line: &str) -> Value {
         match serde_json::from_str::<Value>(line) {
             Ok(v) if v["command"] == "status" => self.status(),
-            Ok(v) => json!({"ok": false, "error": format!("unknown command {}; the agent answers \"status\"", v["command"])}),
+            Ok(v) => {
+                json!({"ok": false, "error": format!("unknown command {}; the agent answers \"status\"", v["command"])})
+            }
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
         }
     }
@@ -172,11 +174,28 @@ fn quiet_tunnel_protocols() -> Vec<OwnedFd> {
     fds
 }
 
+/// Reverse-path filtering drops every packet the TUN delivers (it has no IPv4 address, so even
+/// loose mode fails): set the TUN's to 0, and say so loudly if `all` is not 0 as well.
+fn prepare_rp_filter(tun: &str) {
+    let path = format!("/proc/sys/net/ipv4/conf/{tun}/rp_filter");
+    if let Err(e) = std::fs::write(&path, "0") {
+        tracing::warn!(%path, error = %e, "cannot set rp_filter 0 on the TUN; delivered packets may be dropped");
+    }
+    match std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter") {
+        Ok(v) if v.trim() == "0" => {}
+        Ok(v) => tracing::warn!(
+            value = v.trim(),
+            "net.ipv4.conf.all.rp_filter is not 0: the kernel drops what the agent delivers through the TUN; set it to 0"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot read net.ipv4.conf.all.rp_filter"),
+    }
+}
+
 /// Runs `lb agent` until SIGTERM or SIGINT.
 pub fn run(options: &AgentOptions) -> Result<(), String> {
     let config = Config::load(&options.config).map_err(|e| e.to_string())?;
-    let policy = Policy::from_config(&config)
-        .map_err(|e| format!("{}: {e}", options.config.display()))?;
+    let policy =
+        Policy::from_config(&config).map_err(|e| format!("{}: {e}", options.config.display()))?;
     let agent = config.agent.clone().ok_or("no [agent] section")?;
     let interface = config.node.interface.clone().ok_or_else(|| {
         format!(
@@ -187,6 +206,7 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
     let mut rx = AfPacketReceiver::open(&interface, None, RingConfig::default())
         .map_err(|e| e.to_string())?;
     let tun = Tun::open(&agent.tun, true).map_err(|e| e.to_string())?;
+    prepare_rp_filter(tun.name());
     let mut tx = RawIpTransmitter::open(BATCH_FRAMES).map_err(|e| e.to_string())?;
     let mut diag = SockDiag::open().map_err(|e| format!("sock_diag: {e}"))?;
     let _quiet = quiet_tunnel_protocols();
@@ -206,7 +226,9 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
     let socket = ControlSocket::serve(Arc::clone(&shared) as Arc<dyn ControlHandler>, &socket_path)
         .map_err(|e| e.to_string())?;
     if !options.no_metrics {
-        let address = options.metrics_address.unwrap_or(config.node.metrics_address);
+        let address = options
+            .metrics_address
+            .unwrap_or(config.node.metrics_address);
         crate::exporter::install(address)?;
         let shared = Arc::clone(&shared);
         thread::Builder::new()
@@ -279,7 +301,11 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
                     }
                 }
                 Verdict::Chain { inner, to } => {
-                    let source = policy.addresses().iter().copied().find(|a| a.is_ipv4() == to.is_ipv4());
+                    let source = policy
+                        .addresses()
+                        .iter()
+                        .copied()
+                        .find(|a| a.is_ipv4() == to.is_ipv4());
                     let sent = source.and_then(|outer_src| {
                         let params = EncapParams {
                             outer_src,
@@ -318,7 +344,10 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
             last_report = Instant::now();
         }
     }
-    *shared.counters.lock().unwrap_or_else(PoisonError::into_inner) = local;
+    *shared
+        .counters
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = local;
     drop(socket);
     tracing::info!("lb agent stopped");
     Ok(())
@@ -326,7 +355,10 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
 
 fn export(shared: &Shared) {
     use metrics::counter;
-    let c = *shared.counters.lock().unwrap_or_else(PoisonError::into_inner);
+    let c = *shared
+        .counters
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     counter!("lb_agent_frames_total").absolute(c.frames);
     counter!("lb_agent_delivered_total").absolute(c.delivered);
     counter!("lb_agent_delivered_unknown_previous_total").absolute(c.delivered_unknown_previous);

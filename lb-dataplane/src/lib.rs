@@ -21,6 +21,7 @@
 
 pub mod afpacket;
 pub mod agent;
+pub mod agent_run;
 pub mod control;
 pub mod device;
 pub mod exporter;

@@ -1,0 +1,367 @@
+//! `lb agent` with `lb mux` in network namespaces (root): real TCP from a client through the
+//! router's ECMP route over two muxes to two backends, whose agents decapsulate into a TUN; the
+//! servers (bound to the VIP) answer straight to the router: direct server return. A capture in
+//! the router namespace (tcpdump) proves the replies never traverse a mux. Both encapsulations;
+//! spoofed tunnel packets from a non-mux are dropped and counted.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use lb::netns::{Lab, Namespace, require_root};
+use lb::topology::{Fleet, FleetPlan};
+use lb_dataplane::socket::request;
+use serde_json::{Value, json};
+
+const PORT_IPIP: u16 = 80;
+const PORT_GRE: u16 = 8080;
+
+fn vips_toml(backends: usize) -> String {
+    let mut s = String::new();
+    for (name, port, encap) in [("web", PORT_IPIP, "ipip"), ("web-gre", PORT_GRE, "gre")] {
+        s.push_str(&format!(
+            "\n[[vip]]\nname = \"{name}\"\naddress = \"{}\"\nprotocol = \"tcp\"\nport = {port}\nencap = \"{encap}\"\n",
+            Fleet::VIP
+        ));
+        for j in 1..=backends {
+            s.push_str(&format!(
+                "  [[vip.backend]]\n  address = \"{}\"\n",
+                Fleet::backend_address(j)
+            ));
+        }
+    }
+    s
+}
+
+fn wait_for_socket(lab: &mut Lab, pid: u32, socket: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while request(socket, &json!({"command": "status"})).is_err() {
+        assert!(
+            Instant::now() < deadline && lab.wait(pid, Duration::ZERO).is_none(),
+            "{what} did not start:\n{}",
+            lab.log(pid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn start(lab: &mut Lab, ns: &Namespace, what: &str, name: &str, config: String) -> (u32, PathBuf) {
+    let socket = lab.log_dir().join(format!("{name}.sock"));
+    let path = lab.log_dir().join(format!("{name}.toml"));
+    std::fs::write(&path, config.replace("SOCKET", &format!("{socket:?}"))).unwrap();
+    let pid = lab
+        .spawn(
+            ns,
+            Command::new(env!("CARGO_BIN_EXE_lb"))
+                .args([what, "--no-metrics", "--config"])
+                .arg(&path),
+        )
+        .unwrap();
+    wait_for_socket(lab, pid, &socket, name);
+    (pid, socket)
+}
+
+/// An HTTP/1.0 server on VIP:port in `ns`, answering every request with `body` (repeated to
+/// `size` bytes) after reading the request (headers and any body up to `Content-Length`).
+fn http_server(ns: &Namespace, port: u16, body: String, stop: Arc<AtomicBool>) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    ns.enter(move || {
+        let listener = TcpListener::bind(SocketAddrV4::new(Fleet::VIP, port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        ready_tx.send(()).unwrap();
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((mut conn, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            let body = body.clone();
+            std::thread::spawn(move || {
+                conn.set_nonblocking(false).unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut request = Vec::new();
+                let mut buf = [0u8; 16384];
+                loop {
+                    let Ok(n) = conn.read(&mut buf) else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request);
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let want = text[..end]
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Content-Length: "))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if request.len() >= end + 4 + want {
+                            break;
+                        }
+                    }
+                }
+                let reply = body.repeat(2000);
+                let _ = write!(
+                    conn,
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{reply}",
+                    reply.len()
+                );
+            });
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+}
+
+/// One HTTP request with a 20 kB body (full-size segments through the tunnel); returns the
+/// first line of the body (the backend's name).
+fn http_get(client: &Namespace, port: u16) -> Result<String, String> {
+    client
+        .enter(move || {
+            let mut c = TcpStream::connect_timeout(
+                &SocketAddrV4::new(Fleet::VIP, port).into(),
+                Duration::from_secs(5),
+            )
+            .map_err(|e| format!("connect: {e}"))?;
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let upload = "x".repeat(20_000);
+            write!(
+                c,
+                "POST / HTTP/1.0\r\nContent-Length: {}\r\n\r\n{upload}",
+                upload.len()
+            )
+            .map_err(|e| format!("send: {e}"))?;
+            let mut answer = String::new();
+            c.read_to_string(&mut answer)
+                .map_err(|e| format!("receive: {e}"))?;
+            let (head, body) = answer.split_once("\r\n\r\n").ok_or("no header end")?;
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|v| v.parse().ok())
+                .ok_or("no length")?;
+            if body.len() != length {
+                return Err(format!("short body: {} of {length}", body.len()));
+            }
+            Ok(body.lines().next().unwrap_or("").to_owned())
+        })
+        .join()
+        .unwrap()
+}
+
+/// tcpdump in `ns` on `interface`, counting packets with the VIP as source.
+fn capture(lab: &mut Lab, ns: &Namespace, interface: &str) -> u32 {
+    lab.spawn(
+        ns,
+        Command::new("tcpdump").args([
+            "-n",
+            "-p",
+            "-i",
+            interface,
+            "-w",
+            "/dev/null",
+            "src",
+            "host",
+            &Fleet::VIP.to_string(),
+        ]),
+    )
+    .unwrap()
+}
+
+fn captured(lab: &mut Lab, pid: u32) -> u64 {
+    lab.signal(pid, libc::SIGINT).unwrap();
+    lab.wait(pid, Duration::from_secs(10))
+        .expect("tcpdump stops");
+    let log = lab.log(pid);
+    log.lines()
+        .find_map(|l| l.strip_suffix(" packets captured"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no tcpdump summary: {log}"))
+}
+
+#[test]
+fn real_tcp_through_two_muxes_with_direct_server_return() {
+    require_root("agent_netns::real_tcp_through_two_muxes_with_direct_server_return");
+    let mut lab = Lab::new("agentdsr").unwrap();
+    let fleet = Fleet::build(
+        &mut lab,
+        &FleetPlan {
+            muxes: 2,
+            backends: 2,
+            resilient: false,
+        },
+    )
+    .unwrap();
+    fleet.add_backend_vips().unwrap();
+    let mut agents = Vec::new();
+    for j in 1..=2 {
+        let config = format!(
+            "[node]\nname = \"be{j}\"\ninterface = \"b0\"\naddress_v4 = \"{}\"\ncontrol_socket = SOCKET\n\
+             [agent]\nmuxes = [\"{}/32\", \"{}/32\"]\n{}",
+            Fleet::backend_address(j),
+            Fleet::mux_address(1),
+            Fleet::mux_address(2),
+            vips_toml(2)
+        );
+        agents.push(start(
+            &mut lab,
+            &fleet.backends[j - 1],
+            "agent",
+            &format!("agent{j}"),
+            config,
+        ));
+    }
+    for i in 1..=2 {
+        let config = format!(
+            "[node]\nname = \"mux{i}\"\ninterface = \"m0\"\naddress_v4 = \"{}\"\nmtu = 1600\ncontrol_socket = SOCKET\n{}",
+            Fleet::mux_address(i),
+            vips_toml(2)
+        );
+        start(
+            &mut lab,
+            &fleet.muxes[i - 1],
+            "mux",
+            &format!("mux{i}"),
+            config,
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for j in 1..=2 {
+        for port in [PORT_IPIP, PORT_GRE] {
+            http_server(
+                &fleet.backends[j - 1],
+                port,
+                format!("be{j}\n"),
+                Arc::clone(&stop),
+            );
+        }
+    }
+    let on_mux_links: Vec<u32> = (1..=2)
+        .map(|i| capture(&mut lab, &fleet.router, &format!("r-m{i}")))
+        .collect();
+    let on_client_link = capture(&mut lab, &fleet.router, "r-c");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut answers: BTreeMap<(u16, String), u32> = BTreeMap::new();
+    for port in [PORT_IPIP, PORT_GRE] {
+        for _ in 0..30 {
+            let who = http_get(&fleet.client, port).unwrap_or_else(|e| {
+                panic!(
+                    "request to port {port} failed: {e}\nagent1: {}\nmux1: {}",
+                    request(&agents[0].1, &json!({"command": "status"}))
+                        .map_or(String::new(), |v| v.to_string()),
+                    lab.log(agents[0].0)
+                )
+            });
+            *answers.entry((port, who)).or_default() += 1;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for port in [PORT_IPIP, PORT_GRE] {
+        let backends: Vec<&String> = answers
+            .keys()
+            .filter(|k| k.0 == port)
+            .map(|k| &k.1)
+            .collect();
+        assert_eq!(
+            backends,
+            ["be1", "be2"],
+            "port {port}: both backends answer: {answers:?}"
+        );
+    }
+    let through_muxes: u64 = on_mux_links
+        .into_iter()
+        .map(|p| captured(&mut lab, p))
+        .sum();
+    let to_client = captured(&mut lab, on_client_link);
+    assert_eq!(through_muxes, 0, "a reply crossed a mux link");
+    assert!(
+        to_client > 60,
+        "replies reach the client directly: {to_client}"
+    );
+
+    // The agents delivered everything and rejected nothing.
+    for (_, socket) in &agents {
+        let s: Value = request(socket, &json!({"command": "status"})).unwrap();
+        assert_eq!(s["healthy"], true, "{s}");
+        assert!(s["counters"]["delivered"].as_u64().unwrap() > 0);
+        assert_eq!(s["counters"]["rejected"]["foreign_source"], 0);
+    }
+
+    // A spoofed tunnel packet from the client (not a mux) is dropped and counted.
+    let spoof = common_spoof();
+    fleet
+        .client
+        .enter(move || send_raw(&spoof, Fleet::backend_address(1)))
+        .join()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s: Value = request(&agents[0].1, &json!({"command": "status"})).unwrap();
+        if s["counters"]["rejected"]["foreign_source"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "spoofed packet not counted: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+}
+
+/// IP-in-IP from the client's address to backend 1, carrying UDP to the VIP.
+fn common_spoof() -> Vec<u8> {
+    let inner = {
+        let b = etherparse::PacketBuilder::ipv4(Fleet::CLIENT.octets(), Fleet::VIP.octets(), 64)
+            .udp(5555, 53);
+        let mut v = Vec::new();
+        b.write(&mut v, b"spoofed").unwrap();
+        v
+    };
+    let mut outer = vec![0u8; 20];
+    outer[0] = 0x45;
+    outer[2..4].copy_from_slice(&((20 + inner.len()) as u16).to_be_bytes());
+    outer[8] = 64;
+    outer[9] = 4;
+    outer[12..16].copy_from_slice(&Fleet::CLIENT.octets());
+    outer[16..20].copy_from_slice(&Fleet::backend_address(1).octets());
+    let sum = common::internet_checksum(&outer);
+    outer[10..12].copy_from_slice(&sum.to_be_bytes());
+    outer.extend_from_slice(&inner);
+    outer
+}
+
+fn send_raw(packet: &[u8], to: Ipv4Addr) {
+    // SAFETY: plain socket(2); checked below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    let address = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(to).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sendto reads `packet` and `address` during the call; `fd` is ours.
+    let n = unsafe {
+        libc::sendto(
+            fd,
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&raw const address).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    // SAFETY: closes the descriptor opened above, once.
+    unsafe { libc::close(fd) };
+    assert_eq!(
+        n,
+        packet.len() as isize,
+        "{}",
+        std::io::Error::last_os_error()
+    );
+}
