@@ -642,6 +642,25 @@ impl Totals {
 #[must_use]
 pub fn render_status(status: &Value) -> String {
     let mut s = String::new();
+    if status["ok"] != true {
+        let _ = writeln!(s, "error: {}", status["error"].as_str().unwrap_or("?"));
+        return s;
+    }
+    if status["role"] == "agent" {
+        let _ = writeln!(
+            s,
+            "agent {}  addresses {}  tun {}  healthy {}",
+            status["node"].as_str().unwrap_or("?"),
+            status["addresses"],
+            status["tun"].as_str().unwrap_or("?"),
+            status["healthy"]
+        );
+        let _ = writeln!(s, "accepts tunnels from {}", status["muxes"]);
+        for (k, v) in status["counters"].as_object().into_iter().flatten() {
+            let _ = writeln!(s, "  {k:<28} {v}");
+        }
+        return s;
+    }
     let _ = writeln!(
         s,
         "node {}  generation {}  reloads ok {} failed {}",
