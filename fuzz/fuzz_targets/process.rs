@@ -1,6 +1,8 @@
 //! Fuzzes the whole forwarding decision against a fixed snapshot: no input may panic, an
 //! emitted packet fits the buffer, and the must-stay-0 counter stays 0.
-//! The first byte selects the link type (even: bare IP, odd: Ethernet).
+//! The first byte selects the link type (bit 0 clear: bare IP, set: Ethernet) and, with bit 1
+//! set, has the IPv4 header checksum of the frame rewritten first, so that mutations of the
+//! header still reach the layers behind the checksum check.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -52,9 +54,31 @@ fn snapshot() -> &'static Snapshot {
     SNAPSHOT.get_or_init(|| Snapshot::compile(&Config::from_toml(CONFIG, "fuzz").expect("valid"), 1).expect("builds"))
 }
 
+/// Rewrites the checksum of the IPv4 header at `at`, if there is a whole one there.
+fn fix_ipv4_checksum(frame: &mut [u8], at: usize) {
+    let Some(&first) = frame.get(at) else { return };
+    let header_len = usize::from(first & 0x0f) * 4;
+    if first >> 4 != 4 || header_len < 20 || frame.len() < at + header_len {
+        return;
+    }
+    let header = &mut frame[at..at + header_len];
+    header[10..12].fill(0);
+    let mut sum: u32 = header.chunks_exact(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    header[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, frame)) = data.split_first() else { return };
     let link = if selector & 1 == 0 { Link::Ip } else { Link::Ethernet };
+    let mut fixed = frame.to_vec();
+    if selector & 2 != 0 {
+        // The IPv4 header right after Ethernet (no VLAN tag) or at the start.
+        fix_ipv4_checksum(&mut fixed, if link == Link::Ip { 0 } else { 14 });
+    }
+    let frame = fixed.as_slice();
     let mut state = WorkerState::new(ConnTable::new(ConnTableConfig { capacity: 64, ..ConnTableConfig::default() }));
     let mut out = vec![0u8; 65535 + 48];
     for now in [0, 1_000_000_000] {

@@ -52,13 +52,15 @@ pub enum DropReason {
     TooBigFragmentable,
     /// Too big with DF, but the ICMP answer was rate-limited.
     TooBigRateLimited,
+    /// The received IPv4 header's checksum is wrong (a corrupted packet).
+    BadChecksum,
     /// A state correct code cannot reach (a table or buffer inconsistency). Must stay 0.
     Internal,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Truncated,
         Self::Malformed,
         Self::BadIcmpQuote,
@@ -68,6 +70,7 @@ impl DropReason {
         Self::NoSourceAddress,
         Self::TooBigFragmentable,
         Self::TooBigRateLimited,
+        Self::BadChecksum,
         Self::Internal,
     ];
 
@@ -84,6 +87,7 @@ impl DropReason {
             Self::NoSourceAddress => "no_source_address",
             Self::TooBigFragmentable => "too_big_fragmentable",
             Self::TooBigRateLimited => "too_big_rate_limited",
+            Self::BadChecksum => "bad_checksum",
             Self::Internal => "internal",
         }
     }
@@ -105,6 +109,7 @@ impl DropReason {
             } => Self::BadIcmpQuote,
             ParseError::Truncated { .. } => Self::Truncated,
             ParseError::Malformed { .. } => Self::Malformed,
+            ParseError::BadChecksum { .. } => Self::BadChecksum,
         }
     }
 }
@@ -750,6 +755,68 @@ mod tests {
             }
             assert_eq!(state.counters.dropped(DropReason::Internal), 0);
         }
+    }
+
+    /// Every golden input is a correct packet: its IPv4 header checksum is right.
+    #[test]
+    fn golden_inputs_have_correct_ipv4_checksums() {
+        for g in golden_table() {
+            if g.input[0] >> 4 == 4 {
+                let h = Ipv4HeaderSlice::from_slice(&g.input).unwrap();
+                assert_eq!(
+                    h.header_checksum(),
+                    h.to_header().calc_header_checksum(),
+                    "{}",
+                    g.description
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_wrong_ipv4_header_checksum_is_dropped_as_bad_checksum() {
+        let s = snapshot(CONFIG);
+        let mut state = worker();
+        for g in golden_table() {
+            if g.input[0] >> 4 != 4 {
+                continue;
+            }
+            for at in [10, 11, 1, 8, 12, 19] {
+                let mut bad = g.input.clone();
+                bad[at] ^= 0x01;
+                let (action, out) = run(&s, &mut state, &bad, 0);
+                assert_eq!(
+                    action,
+                    Action::Drop(DropReason::BadChecksum),
+                    "{}, byte {at}",
+                    g.description
+                );
+                assert!(out.is_empty());
+            }
+            // Over Ethernet, through the fast path's link check.
+            let mut frame = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
+            frame.extend_from_slice(&g.input);
+            frame[14 + 10] ^= 0x80;
+            let mut out = vec![0u8; 65535 + 48];
+            assert_eq!(
+                process(&frame, Link::Ethernet, &s, &mut state, 0, &mut out),
+                Action::Drop(DropReason::BadChecksum),
+                "{}, Ethernet",
+                g.description
+            );
+        }
+        assert_eq!(state.counters.dropped(DropReason::BadChecksum), 3 * 7);
+        assert_eq!(state.counters.encapsulated, 0);
+        assert_eq!(
+            state.conntrack.occupancy().trusted + state.conntrack.occupancy().untrusted,
+            0,
+            "a corrupted packet creates no connection entry"
+        );
+        assert_eq!(DropReason::BadChecksum.name(), "bad_checksum");
+        assert_eq!(
+            DropReason::ALL[DropReason::ALL.len() - 1],
+            DropReason::Internal
+        );
     }
 
     #[test]
