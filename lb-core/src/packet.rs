@@ -171,17 +171,25 @@ impl Kind {
 /// etherparse. `tests::fast_path_agrees_with_etherparse` checks the two agree.
 #[inline]
 pub fn parse(frame: &[u8], link: Link) -> Result<Parsed<'_>, ParseError> {
+    match parse_fast(frame, link) {
+        Some(parsed) => Ok(parsed),
+        None => parse_general(frame, link),
+    }
+}
+
+/// The fast path alone: `Some` exactly when [`parse`] would take it, always a
+/// [`Kind::Transport`]. The forwarding decision calls it and `parse_general` apart, so that the
+/// common case is compiled knowing its kind.
+#[inline]
+pub(crate) fn parse_fast(frame: &[u8], link: Link) -> Option<Parsed<'_>> {
     let ip_offset = match link {
         Link::Ip => 0,
         Link::Ethernet => match frame.get(12..14) {
             Some([0x08, 0x00]) => 14,
-            _ => return parse_general(frame, link),
+            _ => return None,
         },
     };
-    match parse_ipv4_fast(frame, ip_offset) {
-        Some(parsed) => Ok(parsed),
-        None => parse_general(frame, link),
-    }
+    parse_ipv4_fast(frame, ip_offset)
 }
 
 /// IPv4 with a 20-byte header, not a fragment, carrying TCP or UDP whose header fits: the
@@ -238,7 +246,7 @@ fn parse_ipv4_fast(frame: &[u8], ip_offset: usize) -> Option<Parsed<'_>> {
 }
 
 /// Every frame the fast path does not take: etherparse's slices.
-fn parse_general(frame: &[u8], link: Link) -> Result<Parsed<'_>, ParseError> {
+pub(crate) fn parse_general(frame: &[u8], link: Link) -> Result<Parsed<'_>, ParseError> {
     let ip_offset = match link {
         Link::Ip => 0,
         Link::Ethernet => match ethernet_payload(frame)? {

@@ -148,6 +148,11 @@ fn pack(address: IpAddr, protocol: u8, port: u16) -> PackedVipKey {
     )
 }
 
+/// An IPv4 VIP key as one integer: address, protocol, port (0 for all ports).
+fn pack_v4(address: u32, protocol: u8, port: u16) -> u64 {
+    u64::from(address) << 32 | u64::from(protocol) << 16 | u64::from(port)
+}
+
 /// A config compiled for the hot path.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
@@ -161,6 +166,9 @@ pub struct Snapshot {
     /// The same keys packed for a linear scan, when there are at most [`LINEAR_VIPS`]: cheaper
     /// than hashing for a few VIPs. Empty when there are more.
     linear: Vec<(PackedVipKey, u16)>,
+    /// The IPv4 keys of `linear` as one integer each ([`pack_v4`]), in the same order: the
+    /// common case, matched without building an IPv6-mapped address.
+    linear_v4: Vec<(u64, u16)>,
     /// For fragments, which carry no port: the VIP of an (address, protocol), if one is clear.
     by_address: HashMap<(IpAddr, u8), u16, Xxh3Builder>,
 }
@@ -233,12 +241,22 @@ impl Snapshot {
         } else {
             Vec::new()
         };
+        let linear_v4 = linear
+            .iter()
+            .filter(|((_, k), _)| k >> 24 == 0)
+            .map(|&((a, k), i)| {
+                // An IPv4 key holds an IPv4-mapped address: its low 32 bits are the address.
+                let [_, protocol, _, _] = k.to_be_bytes();
+                (pack_v4(a as u32, protocol, k as u16), i)
+            })
+            .collect();
         Ok(Self {
             generation,
             node,
             vips,
             by_key,
             linear,
+            linear_v4,
             by_address,
         })
     }
@@ -248,6 +266,35 @@ impl Snapshot {
     #[inline]
     #[must_use]
     pub fn match_vip(&self, dst: IpAddr, protocol: u8, dst_port: u16) -> Option<u16> {
+        match dst {
+            IpAddr::V4(a) if !self.linear.is_empty() => {
+                self.match_linear_v4(u32::from(a), protocol, dst_port)
+            }
+            _ => self.match_vip_general(dst, protocol, dst_port),
+        }
+    }
+
+    /// [`Self::match_vip`] for IPv4 with few VIPs: one pass over `linear_v4`, an exact key
+    /// first, else the all-ports key (they are distinct, so the first exact one wins).
+    #[inline]
+    fn match_linear_v4(&self, address: u32, protocol: u8, dst_port: u16) -> Option<u16> {
+        let any_port = pack_v4(address, protocol, 0);
+        let exact = any_port | u64::from(dst_port);
+        let mut all_ports = None;
+        for &(key, index) in &self.linear_v4 {
+            if key == exact {
+                return Some(index);
+            }
+            if key == any_port {
+                all_ports = Some(index);
+            }
+        }
+        all_ports
+    }
+
+    /// [`Self::match_vip`] for IPv6, or for more than [`LINEAR_VIPS`] keys.
+    #[inline(never)]
+    fn match_vip_general(&self, dst: IpAddr, protocol: u8, dst_port: u16) -> Option<u16> {
         if !self.linear.is_empty() {
             let (address, exact) = pack(dst, protocol, dst_port);
             let any_port = exact & !0xffff;
@@ -407,6 +454,69 @@ mod tests {
             .collect();
         assert_eq!(linear, hashed);
         assert!(linear.iter().filter(|m| m.is_some()).count() >= 4);
+    }
+
+    #[test]
+    fn ipv4_scan_and_hash_map_agree_with_both_families() {
+        let text = r#"
+            [node]
+            address_v4 = "198.18.11.2"
+            address_v6 = "2001:db8:11::2"
+            [[vip]]
+            name = "web"
+            address = "198.18.100.1"
+            protocol = "tcp"
+            port = 80
+            encap = "ipip"
+            [[vip]]
+            name = "web-tls"
+            address = "198.18.100.1"
+            protocol = "tcp"
+            port = 443
+            encap = "ipip"
+            [[vip]]
+            name = "dns"
+            address = "198.18.100.2"
+            protocol = "udp"
+            port = "all"
+            encap = "gre"
+            [[vip]]
+            name = "web6"
+            address = "2001:db8:100::1"
+            protocol = "tcp"
+            port = 80
+            encap = "ipip"
+        "#;
+        let mut s = Snapshot::compile(&Config::from_toml(text, "t").unwrap(), 1).unwrap();
+        assert_eq!(s.linear_v4.len(), 3);
+        let addresses: [IpAddr; 6] = [
+            "198.18.100.1".parse().unwrap(),
+            "198.18.100.2".parse().unwrap(),
+            "198.18.100.3".parse().unwrap(),
+            "2001:db8:100::1".parse().unwrap(),
+            "::ffff:198.18.100.1".parse().unwrap(),
+            "::ffff:198.18.100.3".parse().unwrap(),
+        ];
+        let mut probes = Vec::new();
+        for a in addresses {
+            for p in [PROTO_TCP, PROTO_UDP, 1] {
+                for port in [0u16, 53, 80, 443, 444] {
+                    probes.push((a, p, port));
+                }
+            }
+        }
+        let scanned: Vec<_> = probes
+            .iter()
+            .map(|&(a, p, port)| s.match_vip(a, p, port))
+            .collect();
+        s.linear.clear();
+        let hashed: Vec<_> = probes
+            .iter()
+            .map(|&(a, p, port)| s.match_vip(a, p, port))
+            .collect();
+        assert_eq!(scanned, hashed);
+        // 198.18.100.1: tcp 80, 443; 198.18.100.2: udp at every port; 2001:db8:100::1: tcp 80.
+        assert_eq!(scanned.iter().filter(|m| m.is_some()).count(), 2 + 5 + 1);
     }
 
     #[test]
