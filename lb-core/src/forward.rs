@@ -23,9 +23,8 @@ use std::net::IpAddr;
 
 use etherparse::{Icmpv4Type, Icmpv6Type, PacketBuilder, icmpv4::DestUnreachableHeader};
 
-use crate::config::{Encap, Unmatched};
+use crate::config::Unmatched;
 use crate::conntrack::{ConnTable, Tracked};
-use crate::encap::{self, EncapKind, EncapParams};
 use crate::flow::FlowKey;
 use crate::packet::{self, Kind, Layer, Link, ParseError, Parsed};
 use crate::snapshot::{Snapshot, Vip};
@@ -336,24 +335,16 @@ fn decide_parsed(
     let Some(to) = vip.backend(backend).map(|b| b.id.0) else {
         return Action::Drop(DropReason::Internal);
     };
-    let Some(from) = snapshot.source_for(to) else {
+    // Built with the snapshot: the node's source address of the backend's family, its TTL,
+    // the VIP's encapsulation. None for an index in range means no such source address.
+    let Some(tunnel) = vip.tunnel(backend) else {
         return Action::Drop(DropReason::NoSourceAddress);
     };
-    let kind = match vip.encap {
-        Encap::Ipip => EncapKind::Ipip,
-        Encap::Gre => EncapKind::Gre { key: None },
-    };
-    let overhead = encap::overhead(kind, to.is_ipv6());
+    let overhead = tunnel.overhead();
     if parsed.ip.len() + overhead > usize::from(snapshot.node.mtu) {
         return too_big(&parsed, snapshot, overhead, state, now, out);
     }
-    let params = EncapParams {
-        outer_src: from,
-        outer_dst: to,
-        ttl: snapshot.node.ttl,
-        kind,
-    };
-    match encap::encapsulate(parsed.ip, &params, out) {
+    match tunnel.encapsulate(parsed.ip, out) {
         Ok(len) => Action::Encap {
             vip: vip_index,
             backend,
@@ -462,7 +453,7 @@ fn too_big(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::config::{Config, Encap};
     use crate::conntrack::ConnTableConfig;
     use crate::flow::PROTO_TCP;
     use etherparse::{Icmpv4Slice, Icmpv6Slice, IpNumber, Ipv4HeaderSlice, Ipv6HeaderSlice};

@@ -5,7 +5,8 @@
 //! Workers read one snapshot per batch, so a packet sees one config, never a mix of two.
 //!
 //! **Invariants.**
-//! - A snapshot is immutable once built.
+//! - A snapshot is immutable once built. Each backend's [`Tunnel`] (its outer headers) is built
+//!   then from `node` and the VIP's encapsulation, so neither may change afterwards.
 //! - VIP indices (`u16`) are positions in [`Snapshot::vips`], in config order. Backend indices
 //!   are positions in a VIP's table backend list, sorted by address (see `maglev`).
 //! - The VIP maps hash with xxh3 (one-shot for the per-packet map), never `std`'s `RandomState`.
@@ -19,6 +20,7 @@ use xxhash_rust::xxh3::Xxh3Builder;
 use crate::hash::xxh3;
 
 use crate::config::{Config, Encap, PortSpec, Unmatched};
+use crate::encap::{EncapKind, EncapParams, Tunnel};
 use crate::maglev::{MaglevTable, TableError, WeightedBackend};
 
 /// One VIP as the hot path sees it.
@@ -40,6 +42,9 @@ pub struct Vip {
     pub fingerprint: u64,
     /// [`backend_tag`] of each of the table's backends, in the same order.
     backend_tags: Vec<u32>,
+    /// The tunnel to each of the table's backends, in the same order; `None` when the node has
+    /// no source address of the backend's family.
+    tunnels: Vec<Option<Tunnel>>,
 }
 
 impl Vip {
@@ -47,6 +52,15 @@ impl Vip {
     #[must_use]
     pub fn backend(&self, index: u16) -> Option<&WeightedBackend> {
         self.table.backends().get(usize::from(index))
+    }
+
+    /// The tunnel to the backend at `index`, built once per snapshot from the node's source
+    /// address of the backend's family, its TTL and the VIP's encapsulation; `None` when the
+    /// index is out of range or the node has no such source address.
+    #[inline]
+    #[must_use]
+    pub fn tunnel(&self, index: u16) -> Option<&Tunnel> {
+        self.tunnels.get(usize::from(index))?.as_ref()
     }
 
     /// The [`backend_tag`] of the backend at `index`, computed once per snapshot.
@@ -75,6 +89,32 @@ pub fn backend_tag(address: IpAddr) -> u32 {
         IpAddr::V6(a) => a.octets(),
     };
     (xxh3(&bytes, 0x6c62_2d74_6167_0000) >> 32) as u32
+}
+
+/// The tunnel from the node to `backend`: from the node's address of its family, with the
+/// node's TTL; `None` when the node has no address of that family.
+fn tunnel(node: &NodeSettings, encap: Encap, backend: IpAddr) -> Option<Tunnel> {
+    let outer_src = source_of(node, backend)?;
+    let kind = match encap {
+        Encap::Ipip => EncapKind::Ipip,
+        Encap::Gre => EncapKind::Gre { key: None },
+    };
+    // The node's addresses are of their family (config validation), so this cannot fail.
+    Tunnel::new(EncapParams {
+        outer_src,
+        outer_dst: backend,
+        ttl: node.ttl,
+        kind,
+    })
+    .ok()
+}
+
+/// The node's address of `backend`'s family: the outer source towards it.
+fn source_of(node: &NodeSettings, backend: IpAddr) -> Option<IpAddr> {
+    match backend {
+        IpAddr::V4(_) => node.address_v4,
+        IpAddr::V6(_) => node.address_v6,
+    }
 }
 
 /// The node's settings the hot path uses.
@@ -176,6 +216,13 @@ pub struct Snapshot {
 impl Snapshot {
     /// Compiles a validated config: builds every table. Not for the hot path.
     pub fn compile(config: &Config, generation: u64) -> Result<Self, TableError> {
+        let node = NodeSettings {
+            address_v4: config.node.address_v4,
+            address_v6: config.node.address_v6,
+            mtu: config.node.mtu,
+            ttl: config.node.ttl,
+            unmatched: config.node.unmatched,
+        };
         let mut vips = Vec::with_capacity(config.vips.len());
         let mut by_key = HashMap::with_hasher(OneShotBuild::default());
         for (i, v) in config.vips.iter().enumerate() {
@@ -206,6 +253,11 @@ impl Snapshot {
                     .iter()
                     .map(|b| backend_tag(b.id.0))
                     .collect(),
+                tunnels: table
+                    .backends()
+                    .iter()
+                    .map(|b| tunnel(&node, v.encap, b.id.0))
+                    .collect(),
                 table,
             });
         }
@@ -224,13 +276,6 @@ impl Snapshot {
                 );
             }
         }
-        let node = NodeSettings {
-            address_v4: config.node.address_v4,
-            address_v6: config.node.address_v6,
-            mtu: config.node.mtu,
-            ttl: config.node.ttl,
-            unmatched: config.node.unmatched,
-        };
         let linear = if by_key.len() <= LINEAR_VIPS {
             let mut keys: Vec<_> = by_key
                 .iter()
@@ -339,10 +384,7 @@ impl Snapshot {
     /// The outer source address for a backend of this family, if the node has one.
     #[must_use]
     pub fn source_for(&self, backend: IpAddr) -> Option<IpAddr> {
-        match backend {
-            IpAddr::V4(_) => self.node.address_v4,
-            IpAddr::V6(_) => self.node.address_v6,
-        }
+        source_of(&self.node, backend)
     }
 }
 
