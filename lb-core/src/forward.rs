@@ -155,6 +155,18 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Counts one processed frame and its outcome.
+    #[inline]
+    fn count(&mut self, action: Action) {
+        self.packets += 1;
+        match action {
+            Action::Encap { .. } => self.encapsulated += 1,
+            Action::IcmpReply { .. } => self.icmp_too_big_sent += 1,
+            Action::Pass => self.passed += 1,
+            Action::Drop(reason) => self.drops[reason.index()] += 1,
+        }
+    }
+
     /// The drops of one reason.
     #[must_use]
     pub fn dropped(&self, reason: DropReason) -> u64 {
@@ -233,22 +245,68 @@ pub fn process(
     now: u64,
     out: &mut [u8],
 ) -> Action {
-    state.counters.packets += 1;
-    let action = decide(frame, link, snapshot, state, now, out);
-    let c = &mut state.counters;
-    match action {
-        Action::Encap { .. } => c.encapsulated += 1,
-        Action::IcmpReply { .. } => c.icmp_too_big_sent += 1,
-        Action::Pass => c.passed += 1,
-        Action::Drop(reason) => c.drops[reason.index()] += 1,
-    }
+    let action = decide(frame, link, None, snapshot, state, now, out);
+    state.counters.count(action);
     action
 }
 
-/// Parses `frame` ([`packet::parse`], its two paths called apart) and decides.
+/// Frames per round of [`process_batch`]: their connection-table reads overlap. Small enough
+/// that what a round reads stays in the first-level cache until its frames are decided.
+pub const BATCH_ROUND: usize = 16;
+
+/// [`process`] for a batch of frames: `actions[i]` and `outs[i]` are what
+/// `process(frames[i], …, outs[i])` would give, in order, with the same effects on `state`
+/// (`tests::batch_equals_one_by_one`). Handles the first `n` frames, `n` being the shortest of
+/// the three slices, and returns `n`.
+///
+/// The gain is with many flows, when the connection table does not fit in the caches: per round
+/// of [`BATCH_ROUND`] frames it parses the fast-path frames and hashes their flows first, reads
+/// their buckets ([`ConnTable::touch`]) so that the cache misses overlap, then decides each frame
+/// with its hash already computed. Nothing allocates.
+pub fn process_batch(
+    frames: &[&[u8]],
+    link: Link,
+    snapshot: &Snapshot,
+    state: &mut WorkerState,
+    now: u64,
+    outs: &mut [&mut [u8]],
+    actions: &mut [Action],
+) -> usize {
+    let n = frames.len().min(outs.len()).min(actions.len());
+    let mut hints = [None::<u64>; BATCH_ROUND];
+    let mut hashes = [0u64; BATCH_ROUND];
+    for ((frames, outs), actions) in frames[..n]
+        .chunks(BATCH_ROUND)
+        .zip(outs[..n].chunks_mut(BATCH_ROUND))
+        .zip(actions[..n].chunks_mut(BATCH_ROUND))
+    {
+        let mut known = 0;
+        for (frame, hint) in frames.iter().zip(&mut hints) {
+            *hint = packet::parse_fast(frame, link).and_then(|p| match p.kind {
+                Kind::Transport { flow, .. } => Some(flow.hash()),
+                _ => None,
+            });
+            if let Some(hash) = *hint {
+                hashes[known] = hash;
+                known += 1;
+            }
+        }
+        std::hint::black_box(state.conntrack.touch(&hashes[..known]));
+        for (((frame, out), action), &hint) in frames.iter().zip(outs).zip(actions).zip(&hints) {
+            *action = decide(frame, link, hint, snapshot, state, now, out);
+            state.counters.count(*action);
+        }
+    }
+    n
+}
+
+/// Parses `frame` ([`packet::parse`], its two paths called apart) and decides. `hash` is the
+/// flow hash of a frame the fast path takes, if the caller has computed it already.
+#[inline(always)]
 fn decide(
     frame: &[u8],
     link: Link,
+    hash: Option<u64>,
     snapshot: &Snapshot,
     state: &mut WorkerState,
     now: u64,
@@ -258,18 +316,20 @@ fn decide(
     // so the compiler drops the other arms and keeps the flow in registers instead of copying
     // `Parsed` about (measured: about 150 instructions a packet less).
     if let Some(parsed) = packet::parse_fast(frame, link) {
-        return decide_parsed(parsed, snapshot, state, now, out);
+        return decide_parsed(parsed, hash, snapshot, state, now, out);
     }
     match packet::parse_general(frame, link) {
-        Ok(parsed) => decide_parsed(parsed, snapshot, state, now, out),
+        Ok(parsed) => decide_parsed(parsed, None, snapshot, state, now, out),
         Err(e) => Action::Drop(DropReason::of_parse_error(e)),
     }
 }
 
-/// The decision for a parsed frame: steps 2 to 4 of the module docs.
+/// The decision for a parsed frame: steps 2 to 4 of the module docs. `hash`, if given, is the
+/// hash of the frame's own flow (a `Transport` frame's).
 #[inline(always)]
 fn decide_parsed(
     parsed: Parsed<'_>,
+    hash: Option<u64>,
     snapshot: &Snapshot,
     state: &mut WorkerState,
     now: u64,
@@ -318,7 +378,9 @@ fn decide_parsed(
     let Some(vip) = snapshot.vip(vip_index) else {
         return Action::Drop(DropReason::Internal);
     };
-    let hash = flow.hash();
+    // Only a fast-path frame comes with its hash: a `Transport` one, steered by its own flow.
+    let hash = hash.unwrap_or_else(|| flow.hash());
+    debug_assert_eq!(hash, flow.hash());
     let is_icmp_error = matches!(parsed.kind, Kind::IcmpError { .. });
     let Some(backend) = choose_backend(
         vip,
@@ -826,6 +888,198 @@ mod tests {
             DropReason::ALL[DropReason::ALL.len() - 1],
             DropReason::Internal
         );
+    }
+
+    /// Frames of every kind the decision meets, in an order where later frames depend on the
+    /// state earlier ones leave (a SYN, then its flow's next packets, in one batch).
+    fn mixed_frames() -> Vec<Vec<u8>> {
+        let mut frames: Vec<Vec<u8>> = golden_table().into_iter().map(|g| g.input).collect();
+        for port in 40000..40040u16 {
+            frames.push(tcp4(CLIENT, POOL, port, 80, true, 0));
+            frames.push(tcp4(CLIENT, POOL, port, 80, false, 10));
+            if port % 3 == 0 {
+                frames.push(tcp4(CLIENT, POOL, port, 80, false, 0));
+            }
+        }
+        let mut bad = tcp4(CLIENT, POOL, 1, 80, false, 0);
+        bad[10] ^= 1;
+        frames.push(bad);
+        frames.push(with_flags(udp4(5353, 53), 0x2000));
+        frames.push(with_df(tcp4(CLIENT, VIP, 40000, 80, false, 1460), true));
+        frames.push(with_df(tcp4(CLIENT, VIP, 40000, 80, false, 1460), false));
+        frames.push(tcp4(CLIENT, [198, 18, 100, 99], 40000, 80, true, 0));
+        frames.push(vec![0x75; 40]);
+        frames.push(tcp4(CLIENT, POOL, 7, 80, true, 0)[..30].to_vec());
+        let reply = tcp4(POOL, CLIENT, 80, 40001, false, 0);
+        let mut icmp = Vec::new();
+        PacketBuilder::ipv4([198, 18, 9, 9], POOL, 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+            ))
+            .write(&mut icmp, &reply[..28])
+            .unwrap();
+        frames.push(icmp);
+        frames.push(udp6(1, 53));
+        frames.push(tcp6(40000, 80, 0));
+        frames
+    }
+
+    /// Everything observable after a run: the actions, the output packets, the counters.
+    type Observed = (
+        Vec<Action>,
+        Vec<Vec<u8>>,
+        Counters,
+        crate::conntrack::ConnCounters,
+    );
+
+    fn one_by_one(s: &Snapshot, frames: &[Vec<u8>], link: Link, now: u64) -> Observed {
+        let mut state = worker();
+        let (mut actions, mut outs) = (Vec::new(), Vec::new());
+        for f in frames {
+            let mut out = vec![0u8; 65535 + 48];
+            let action = process(f, link, s, &mut state, now, &mut out);
+            let len = match action {
+                Action::Encap { len, .. } | Action::IcmpReply { len } => len,
+                _ => 0,
+            };
+            out.truncate(len);
+            actions.push(action);
+            outs.push(out);
+        }
+        (actions, outs, state.counters, state.conntrack.counters())
+    }
+
+    fn batched(s: &Snapshot, frames: &[Vec<u8>], link: Link, now: u64, size: usize) -> Observed {
+        let mut state = worker();
+        let (mut actions, mut outs) = (Vec::new(), Vec::new());
+        for batch in frames.chunks(size) {
+            let refs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+            let mut bufs = vec![vec![0u8; 65535 + 48]; batch.len()];
+            let mut out_refs: Vec<&mut [u8]> = bufs.iter_mut().map(Vec::as_mut_slice).collect();
+            let mut got = vec![Action::Pass; batch.len()];
+            let n = process_batch(&refs, link, s, &mut state, now, &mut out_refs, &mut got);
+            assert_eq!(n, batch.len());
+            for (action, mut out) in got.into_iter().zip(bufs) {
+                let len = match action {
+                    Action::Encap { len, .. } | Action::IcmpReply { len } => len,
+                    _ => 0,
+                };
+                out.truncate(len);
+                actions.push(action);
+                outs.push(out);
+            }
+        }
+        (actions, outs, state.counters, state.conntrack.counters())
+    }
+
+    #[test]
+    fn batch_equals_one_by_one() {
+        let s = snapshot(CONFIG);
+        let frames = mixed_frames();
+        let ethernet: Vec<Vec<u8>> = frames
+            .iter()
+            .map(|f| {
+                let mut e = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+                let ethertype: u16 = if f.first().is_some_and(|b| b >> 4 == 6) {
+                    0x86dd
+                } else {
+                    0x0800
+                };
+                e.extend_from_slice(&ethertype.to_be_bytes());
+                e.extend_from_slice(f);
+                e
+            })
+            .collect();
+        for (frames, link) in [(&frames, Link::Ip), (&ethernet, Link::Ethernet)] {
+            let expected = one_by_one(&s, frames, link, 5);
+            assert!(expected.2.encapsulated > 80, "{:?}", expected.2);
+            assert!(expected.3.promotions > 30, "{:?}", expected.3);
+            for size in [
+                1,
+                3,
+                BATCH_ROUND - 1,
+                BATCH_ROUND,
+                BATCH_ROUND + 1,
+                64,
+                frames.len(),
+            ] {
+                assert_eq!(
+                    batched(&s, frames, link, 5, size),
+                    expected,
+                    "{link:?}, batches of {size}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn batch_handles_the_shortest_of_its_slices() {
+        let s = snapshot(CONFIG);
+        let mut state = worker();
+        let frame = tcp4(CLIENT, POOL, 1, 80, true, 0);
+        let frames = [frame.as_slice(); 5];
+        let mut bufs = vec![vec![0u8; 2048]; 3];
+        let mut outs: Vec<&mut [u8]> = bufs.iter_mut().map(Vec::as_mut_slice).collect();
+        let mut actions = [Action::Pass; 4];
+        let n = process_batch(
+            &frames,
+            Link::Ip,
+            &s,
+            &mut state,
+            0,
+            &mut outs,
+            &mut actions,
+        );
+        assert_eq!(n, 3);
+        assert_eq!(state.counters.packets, 3);
+        assert!(matches!(actions[2], Action::Encap { .. }));
+        assert_eq!(actions[3], Action::Pass, "untouched");
+        assert_eq!(
+            process_batch(&[], Link::Ip, &s, &mut state, 0, &mut outs, &mut actions),
+            0
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn batch_equals_one_by_one_on_mutated_frames(
+            mutations in proptest::collection::vec(
+                (0usize..200, 0usize..1600, proptest::prelude::any::<u8>(), proptest::prelude::any::<bool>()),
+                1..40,
+            ),
+            size in 1usize..40,
+        ) {
+            let s = snapshot(CONFIG);
+            let base = mixed_frames();
+            let frames: Vec<Vec<u8>> = mutations
+                .iter()
+                .map(|&(which, at, byte, fix)| {
+                    let mut f = base[which % base.len()].clone();
+                    if !f.is_empty() {
+                        let at = at % f.len();
+                        f[at] = byte;
+                    }
+                    // Half the time, a right checksum, so the mutation reaches the later steps.
+                    let header_len = usize::from(f.first().map_or(0, |b| b & 0x0f)) * 4;
+                    if fix && f[0] >> 4 == 4 && header_len >= 20 && f.len() >= header_len {
+                        f[10..12].fill(0);
+                        let mut sum: u32 = f[..header_len]
+                            .chunks_exact(2)
+                            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+                            .sum();
+                        while sum > 0xffff {
+                            sum = (sum & 0xffff) + (sum >> 16);
+                        }
+                        f[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+                    }
+                    f
+                })
+                .collect();
+            proptest::prop_assert_eq!(
+                batched(&s, &frames, Link::Ip, 1, size),
+                one_by_one(&s, &frames, Link::Ip, 1)
+            );
+        }
     }
 
     #[test]

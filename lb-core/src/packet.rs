@@ -180,7 +180,7 @@ pub fn parse(frame: &[u8], link: Link) -> Result<Parsed<'_>, ParseError> {
 /// The fast path alone: `Some` exactly when [`parse`] would take it, always a
 /// [`Kind::Transport`]. The forwarding decision calls it and `parse_general` apart, so that the
 /// common case is compiled knowing its kind.
-#[inline]
+#[inline(always)]
 pub(crate) fn parse_fast(frame: &[u8], link: Link) -> Option<Parsed<'_>> {
     let ip_offset = match link {
         Link::Ip => 0,
@@ -194,7 +194,7 @@ pub(crate) fn parse_fast(frame: &[u8], link: Link) -> Option<Parsed<'_>> {
 
 /// IPv4 with a 20-byte header, not a fragment, carrying TCP or UDP whose header fits: the
 /// facts read straight from the bytes. `None` for anything else (the general path decides).
-#[inline]
+#[inline(always)]
 fn parse_ipv4_fast(frame: &[u8], ip_offset: usize) -> Option<Parsed<'_>> {
     let ip = frame.get(ip_offset..)?;
     let header: &[u8; 20] = ip.get(..20)?.try_into().ok()?;
@@ -206,7 +206,7 @@ fn parse_ipv4_fast(frame: &[u8], ip_offset: usize) -> Option<Parsed<'_>> {
         return None;
     }
     // A wrong checksum is the general path's to report.
-    if !ipv4_header_checksum_ok(header) {
+    if !ipv4_header20_checksum_ok(header) {
         return None;
     }
     let ip = &ip[..total_len];
@@ -374,22 +374,27 @@ fn check_ipv4_checksum(ip: &[u8]) -> Result<(), ParseError> {
 /// Whether an IPv4 header (a multiple of 4 bytes long, as its IHL makes it) sums to `0xFFFF`
 /// in one's complement (RFC 1071), checksum field included: its checksum is right.
 ///
-/// The sum runs over native-endian 32-bit words, folded at the end: one's complement sums are
-/// independent of byte order (RFC 1071 §2(B)), and the result `0xFFFF` is its own byte swap.
-/// About 15 instructions for a 20-byte header.
+/// The sum runs over native-endian 32-bit words: one's complement sums are independent of byte
+/// order (RFC 1071 §2(B)), and the result `0xFFFF` is its own byte swap. Folding the carries
+/// back in (2^16 ≡ 1 mod 0xFFFF) keeps the sum's value mod 0xFFFF and never turns a non-zero sum
+/// into 0, so the folded sum is `0xFFFF` exactly when the plain sum is a non-zero multiple of
+/// 0xFFFF: one multiply-shift instead of the folds. About 15 instructions for 20 bytes.
 #[inline]
 fn ipv4_header_checksum_ok(header: &[u8]) -> bool {
+    // At most 15 words: the sum is below 2^36.
     let sum: u64 = header
         .chunks_exact(4)
         .map(|w| u64::from(u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
         .sum();
-    // At most 15 words: the sum is below 2^36. Fold 64 -> 32 -> 16 bits, carries back in.
-    let sum = (sum & 0xffff_ffff) + (sum >> 32);
-    let sum = (sum & 0xffff_ffff) + (sum >> 32);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    sum == 0xffff
+    sum != 0 && sum.is_multiple_of(0xffff)
+}
+
+/// [`ipv4_header_checksum_ok`] for a header without options: five loads, unrolled.
+#[inline(always)]
+fn ipv4_header20_checksum_ok(h: &[u8; 20]) -> bool {
+    let word = |at: usize| u64::from(u32::from_ne_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]));
+    let sum = word(0) + word(4) + word(8) + word(12) + word(16);
+    sum != 0 && sum.is_multiple_of(0xffff)
 }
 
 /// The offset of the Ethernet payload and its EtherType, past up to two VLAN tags.
@@ -850,6 +855,47 @@ mod tests {
         );
         // IPv6 has no header checksum.
         assert!(parse(&udp_v6(b"x"), Link::Ip).is_ok());
+    }
+
+    proptest! {
+        /// The multiple-of-0xFFFF test is the RFC 1071 fold, for any header.
+        #[test]
+        fn checksum_test_is_the_rfc_1071_fold(words in prop::collection::vec(any::<u32>(), 5..=15)) {
+            let header: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
+            let mut sum: u64 = header
+                .chunks_exact(2)
+                .map(|w| u64::from(u16::from_be_bytes([w[0], w[1]])))
+                .sum();
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            prop_assert_eq!(ipv4_header_checksum_ok(&header), sum == 0xffff);
+            let first: &[u8; 20] = header[..20].try_into().unwrap();
+            prop_assert_eq!(ipv4_header20_checksum_ok(first), ipv4_header_checksum_ok(first));
+            let mut fixed = header.clone();
+            fixed[0] = 0x45;
+            fix_checksum(&mut fixed[..20]);
+            prop_assert!(ipv4_header_checksum_ok(&fixed[..20]));
+        }
+    }
+
+    #[test]
+    fn checksum_test_edge_cases() {
+        assert!(
+            !ipv4_header_checksum_ok(&[0; 20]),
+            "all zeros sums to 0, not 0xffff"
+        );
+        assert!(ipv4_header_checksum_ok(&[0xff; 20]), "all ones: 0xffff");
+        let mut h = [0u8; 20];
+        h[0..2].copy_from_slice(&[0xff, 0xff]);
+        assert!(ipv4_header_checksum_ok(&h));
+        h[2..4].copy_from_slice(&[0xff, 0xff]);
+        assert!(
+            ipv4_header_checksum_ok(&h),
+            "0xffff + 0xffff folds to 0xffff"
+        );
+        h[4] = 1;
+        assert!(!ipv4_header_checksum_ok(&h));
     }
 
     #[test]
