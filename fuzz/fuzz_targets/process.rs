@@ -1,5 +1,6 @@
 //! Fuzzes the whole forwarding decision against a fixed snapshot: no input may panic, an
-//! emitted packet fits the buffer, and the must-stay-0 counter stays 0.
+//! emitted packet fits the buffer, the must-stay-0 counter stays 0, and `process_batch` on the
+//! frame three times gives what three calls of `process` give.
 //! The first byte selects the link type (bit 0 clear: bare IP, set: Ethernet) and, with bit 1
 //! set, has the IPv4 header checksum of the frame rewritten first, so that mutations of the
 //! header still reach the layers behind the checksum check.
@@ -9,7 +10,7 @@ use std::sync::OnceLock;
 
 use lb_core::config::Config;
 use lb_core::conntrack::{ConnTable, ConnTableConfig};
-use lb_core::forward::{Action, DropReason, WorkerState, process};
+use lb_core::forward::{Action, DropReason, WorkerState, process, process_batch};
 use lb_core::packet::Link;
 use lb_core::snapshot::Snapshot;
 use libfuzzer_sys::fuzz_target;
@@ -79,7 +80,8 @@ fuzz_target!(|data: &[u8]| {
         fix_ipv4_checksum(&mut fixed, if link == Link::Ip { 0 } else { 14 });
     }
     let frame = fixed.as_slice();
-    let mut state = WorkerState::new(ConnTable::new(ConnTableConfig { capacity: 64, ..ConnTableConfig::default() }));
+    let new_state = || WorkerState::new(ConnTable::new(ConnTableConfig { capacity: 64, ..ConnTableConfig::default() }));
+    let mut state = new_state();
     let mut out = vec![0u8; 65535 + 48];
     for now in [0, 1_000_000_000] {
         match process(frame, link, snapshot(), &mut state, now, &mut out) {
@@ -88,4 +90,27 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     assert_eq!(state.counters.dropped(DropReason::Internal), 0, "{frame:02x?}");
+
+    // Batch and one by one agree, actions and packets, on the frame three times (a flow's
+    // first packet changes what its next ones find).
+    let mut single = new_state();
+    let mut one_by_one = Vec::new();
+    for _ in 0..3 {
+        let action = process(frame, link, snapshot(), &mut single, 0, &mut out);
+        let len = match action {
+            Action::Encap { len, .. } | Action::IcmpReply { len } => len,
+            Action::Pass | Action::Drop(_) => 0,
+        };
+        one_by_one.push((action, out[..len].to_vec()));
+    }
+    let mut batch = new_state();
+    let mut bufs = vec![vec![0u8; 65535 + 48]; 3];
+    let mut outs: Vec<&mut [u8]> = bufs.iter_mut().map(Vec::as_mut_slice).collect();
+    let mut actions = [Action::Pass; 3];
+    assert_eq!(process_batch(&[frame; 3], link, snapshot(), &mut batch, 0, &mut outs, &mut actions), 3);
+    for (i, (action, packet)) in one_by_one.iter().enumerate() {
+        assert_eq!(actions[i], *action, "{frame:02x?}");
+        assert_eq!(&outs[i][..packet.len()], packet.as_slice(), "{frame:02x?}");
+    }
+    assert_eq!(batch.counters, single.counters);
 });
