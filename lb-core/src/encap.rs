@@ -292,11 +292,17 @@ const fn gre_len(kind: EncapKind) -> usize {
     }
 }
 
+/// The longest header [`encapsulate`] writes: IPv6, GRE and a GRE key.
+pub const MAX_OVERHEAD: usize = IPV6_HEADER_LEN + GRE_HEADER_LEN + GRE_KEY_LEN;
+
 /// Writes the outer header (and GRE header) followed by `inner`, unchanged, into `out`, and
 /// returns the length written. `out` beyond that length is left untouched.
 ///
 /// `inner` is an IPv4 or IPv6 packet, told apart by its first nibble; only its fixed header is
 /// read (for the version and DSCP/ECN). The header fields written are listed in the module docs.
+///
+/// This builds a [`Tunnel`] and uses it once; a caller that sends to the same backend again
+/// keeps the [`Tunnel`] instead (the forwarding decision keeps one per backend).
 ///
 /// # Errors
 ///
@@ -308,65 +314,167 @@ pub fn encapsulate(
     params: &EncapParams,
     out: &mut [u8],
 ) -> Result<usize, EncapError> {
-    let outer = match (params.outer_src, params.outer_dst) {
-        (IpAddr::V4(src), IpAddr::V4(dst)) => Outer::V4(src, dst),
-        (IpAddr::V6(src), IpAddr::V6(dst)) => Outer::V6(src, dst),
-        (src, dst) => return Err(EncapError::FamilyMismatch { src, dst }),
-    };
-    let outer_is_v6 = matches!(outer, Outer::V6(..));
-    let (inner_is_v6, tos) = inner_version_and_tos(inner)?;
-    let gre_len = gre_len(params.kind);
-    let header_len = overhead(params.kind, outer_is_v6);
-    let total = header_len.saturating_add(inner.len());
-    let outer_len_field = if outer_is_v6 {
-        total - IPV6_HEADER_LEN
-    } else {
-        total
-    };
-    let Ok(outer_len_field) = u16::try_from(outer_len_field) else {
-        let field = if outer_is_v6 {
-            "IPv6 payload length"
-        } else {
-            "IPv4 total length"
-        };
-        return Err(EncapError::TooLong {
-            field,
-            length: outer_len_field,
-        });
-    };
-    let Some(out) = out.get_mut(..total) else {
-        return Err(EncapError::BufferTooSmall {
-            needed: total,
-            available: out.len(),
-        });
-    };
+    Tunnel::new(*params)?.encapsulate(inner, out)
+}
 
-    let (headers, inner_out) = out.split_at_mut(header_len);
-    let (ip, gre) = headers.split_at_mut(header_len - gre_len);
-    let protocol = match (params.kind, inner_is_v6) {
-        (EncapKind::Gre { .. }, _) => PROTO_GRE,
-        (EncapKind::Ipip, false) => PROTO_IPIP,
-        (EncapKind::Ipip, true) => PROTO_IPV6,
-    };
-    match outer {
-        Outer::V4(src, dst) => write_ipv4(ip, src, dst, tos, outer_len_field, params.ttl, protocol),
-        Outer::V6(src, dst) => write_ipv6(ip, src, dst, tos, outer_len_field, params.ttl, protocol),
-    }
-    if let EncapKind::Gre { key } = params.kind {
-        let flags = if key.is_some() { GRE_FLAG_K } else { 0 };
-        let protocol_type = if inner_is_v6 {
-            ETHERTYPE_IPV6
-        } else {
-            ETHERTYPE_IPV4
+/// The outer headers towards one backend, built once from its [`EncapParams`], so that each
+/// packet only fills in what depends on it: the DSCP/ECN byte, the length and, for IPv4, the
+/// checksum (the template's sum plus those two fields, RFC 1624's incremental update). The
+/// packets are byte for byte those of the [`encapsulate`] it implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tunnel {
+    params: EncapParams,
+    /// The outer IP and GRE headers for an IPv4 inner packet (`[0]`) and an IPv6 one (`[1]`),
+    /// with DSCP/ECN, length and checksum 0.
+    templates: [[u8; MAX_OVERHEAD]; 2],
+    /// The word sums of the IPv4 templates' outer headers (0 for IPv6).
+    sums: [u32; 2],
+    /// 20 or 40.
+    ip_len: u8,
+    /// 0, 4 or 8.
+    gre_len: u8,
+}
+
+impl Tunnel {
+    /// The tunnel of `params`.
+    ///
+    /// # Errors
+    ///
+    /// [`EncapError::FamilyMismatch`] when the outer addresses differ in family.
+    pub fn new(params: EncapParams) -> Result<Self, EncapError> {
+        let outer = match (params.outer_src, params.outer_dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => Outer::V4(src, dst),
+            (IpAddr::V6(src), IpAddr::V6(dst)) => Outer::V6(src, dst),
+            (src, dst) => return Err(EncapError::FamilyMismatch { src, dst }),
         };
-        gre[0..2].copy_from_slice(&flags.to_be_bytes());
-        gre[2..4].copy_from_slice(&protocol_type.to_be_bytes());
-        if let Some(key) = key {
-            gre[4..8].copy_from_slice(&key.to_be_bytes());
+        let outer_is_v6 = matches!(outer, Outer::V6(..));
+        let ip_len = overhead(EncapKind::Ipip, outer_is_v6);
+        let gre_len = gre_len(params.kind);
+        let mut templates = [[0u8; MAX_OVERHEAD]; 2];
+        let mut sums = [0u32; 2];
+        for (inner_is_v6, (t, sum)) in [false, true]
+            .into_iter()
+            .zip(templates.iter_mut().zip(&mut sums))
+        {
+            let (ip, gre) = t.split_at_mut(ip_len);
+            let protocol = match (params.kind, inner_is_v6) {
+                (EncapKind::Gre { .. }, _) => PROTO_GRE,
+                (EncapKind::Ipip, false) => PROTO_IPIP,
+                (EncapKind::Ipip, true) => PROTO_IPV6,
+            };
+            match outer {
+                Outer::V4(src, dst) => {
+                    write_ipv4(ip, src, dst, 0, 0, params.ttl, protocol);
+                    ip[10..12].fill(0);
+                    // Ten words: far below u32::MAX.
+                    *sum = word_sum(ip) as u32;
+                }
+                Outer::V6(src, dst) => write_ipv6(ip, src, dst, 0, 0, params.ttl, protocol),
+            }
+            if let EncapKind::Gre { key } = params.kind {
+                let flags = if key.is_some() { GRE_FLAG_K } else { 0 };
+                let protocol_type = if inner_is_v6 {
+                    ETHERTYPE_IPV6
+                } else {
+                    ETHERTYPE_IPV4
+                };
+                gre[0..2].copy_from_slice(&flags.to_be_bytes());
+                gre[2..4].copy_from_slice(&protocol_type.to_be_bytes());
+                if let Some(key) = key {
+                    gre[4..8].copy_from_slice(&key.to_be_bytes());
+                }
+            }
         }
+        Ok(Self {
+            params,
+            templates,
+            sums,
+            // 20 or 40, and 0, 4 or 8.
+            ip_len: ip_len as u8,
+            gre_len: gre_len as u8,
+        })
     }
-    inner_out.copy_from_slice(inner);
-    Ok(total)
+
+    /// The parameters it was built from.
+    #[must_use]
+    pub fn params(&self) -> &EncapParams {
+        &self.params
+    }
+
+    /// The bytes it puts in front of a packet: [`overhead`] of its parameters.
+    #[inline]
+    #[must_use]
+    pub fn overhead(&self) -> usize {
+        usize::from(self.ip_len) + usize::from(self.gre_len)
+    }
+
+    /// [`encapsulate`] with this tunnel's parameters: the same bytes, the same errors (but
+    /// [`EncapError::FamilyMismatch`], which [`Self::new`] reports), the same guarantees.
+    ///
+    /// # Errors
+    ///
+    /// As [`encapsulate`].
+    #[inline]
+    pub fn encapsulate(&self, inner: &[u8], out: &mut [u8]) -> Result<usize, EncapError> {
+        let (inner_is_v6, tos) = inner_version_and_tos(inner)?;
+        let template = &self.templates[usize::from(inner_is_v6)];
+        let header_len = self.overhead();
+        let total = header_len.saturating_add(inner.len());
+        let outer_is_v6 = usize::from(self.ip_len) == IPV6_HEADER_LEN;
+        let length_field = if outer_is_v6 {
+            total - IPV6_HEADER_LEN
+        } else {
+            total
+        };
+        let Ok(length_field) = u16::try_from(length_field) else {
+            let field = if outer_is_v6 {
+                "IPv6 payload length"
+            } else {
+                "IPv4 total length"
+            };
+            return Err(EncapError::TooLong {
+                field,
+                length: length_field,
+            });
+        };
+        let Some(out) = out.get_mut(..total) else {
+            return Err(EncapError::BufferTooSmall {
+                needed: total,
+                available: out.len(),
+            });
+        };
+        // Fixed-size writes: one per header, no length-generic copy.
+        let [len_hi, len_lo] = length_field.to_be_bytes();
+        if outer_is_v6 {
+            let mut h = [0u8; IPV6_HEADER_LEN];
+            h.copy_from_slice(&template[..IPV6_HEADER_LEN]);
+            h[0] |= tos >> 4;
+            h[1] = tos << 4;
+            h[4] = len_hi;
+            h[5] = len_lo;
+            out[..IPV6_HEADER_LEN].copy_from_slice(&h);
+        } else {
+            let mut h = [0u8; IPV4_HEADER_LEN];
+            h.copy_from_slice(&template[..IPV4_HEADER_LEN]);
+            h[1] = tos;
+            h[2] = len_hi;
+            h[3] = len_lo;
+            // Word 0 is 0x45 then the TOS, word 1 the total length: add them to the sum.
+            let sum =
+                self.sums[usize::from(inner_is_v6)] + u32::from(tos) + u32::from(length_field);
+            let checksum = !fold(u64::from(sum));
+            h[10..12].copy_from_slice(&checksum.to_be_bytes());
+            out[..IPV4_HEADER_LEN].copy_from_slice(&h);
+        }
+        let ip_len = usize::from(self.ip_len);
+        match self.gre_len {
+            0 => {}
+            4 => out[ip_len..ip_len + 4].copy_from_slice(&template[ip_len..ip_len + 4]),
+            _ => out[ip_len..ip_len + 8].copy_from_slice(&template[ip_len..ip_len + 8]),
+        }
+        out[header_len..].copy_from_slice(inner);
+        Ok(total)
+    }
 }
 
 /// The outer addresses, checked to be of one family.

@@ -5,7 +5,8 @@
 //! Workers read one snapshot per batch, so a packet sees one config, never a mix of two.
 //!
 //! **Invariants.**
-//! - A snapshot is immutable once built.
+//! - A snapshot is immutable once built. Each backend's [`Tunnel`] (its outer headers) is built
+//!   then from `node` and the VIP's encapsulation, so neither may change afterwards.
 //! - VIP indices (`u16`) are positions in [`Snapshot::vips`], in config order. Backend indices
 //!   are positions in a VIP's table backend list, sorted by address (see `maglev`).
 //! - The VIP maps hash with xxh3 (one-shot for the per-packet map), never `std`'s `RandomState`.
@@ -19,6 +20,7 @@ use xxhash_rust::xxh3::Xxh3Builder;
 use crate::hash::xxh3;
 
 use crate::config::{Config, Encap, PortSpec, Unmatched};
+use crate::encap::{EncapKind, EncapParams, Tunnel};
 use crate::maglev::{MaglevTable, TableError, WeightedBackend};
 
 /// One VIP as the hot path sees it.
@@ -40,6 +42,9 @@ pub struct Vip {
     pub fingerprint: u64,
     /// [`backend_tag`] of each of the table's backends, in the same order.
     backend_tags: Vec<u32>,
+    /// The tunnel to each of the table's backends, in the same order; `None` when the node has
+    /// no source address of the backend's family.
+    tunnels: Vec<Option<Tunnel>>,
 }
 
 impl Vip {
@@ -47,6 +52,15 @@ impl Vip {
     #[must_use]
     pub fn backend(&self, index: u16) -> Option<&WeightedBackend> {
         self.table.backends().get(usize::from(index))
+    }
+
+    /// The tunnel to the backend at `index`, built once per snapshot from the node's source
+    /// address of the backend's family, its TTL and the VIP's encapsulation; `None` when the
+    /// index is out of range or the node has no such source address.
+    #[inline]
+    #[must_use]
+    pub fn tunnel(&self, index: u16) -> Option<&Tunnel> {
+        self.tunnels.get(usize::from(index))?.as_ref()
     }
 
     /// The [`backend_tag`] of the backend at `index`, computed once per snapshot.
@@ -75,6 +89,32 @@ pub fn backend_tag(address: IpAddr) -> u32 {
         IpAddr::V6(a) => a.octets(),
     };
     (xxh3(&bytes, 0x6c62_2d74_6167_0000) >> 32) as u32
+}
+
+/// The tunnel from the node to `backend`: from the node's address of its family, with the
+/// node's TTL; `None` when the node has no address of that family.
+fn tunnel(node: &NodeSettings, encap: Encap, backend: IpAddr) -> Option<Tunnel> {
+    let outer_src = source_of(node, backend)?;
+    let kind = match encap {
+        Encap::Ipip => EncapKind::Ipip,
+        Encap::Gre => EncapKind::Gre { key: None },
+    };
+    // The node's addresses are of their family (config validation), so this cannot fail.
+    Tunnel::new(EncapParams {
+        outer_src,
+        outer_dst: backend,
+        ttl: node.ttl,
+        kind,
+    })
+    .ok()
+}
+
+/// The node's address of `backend`'s family: the outer source towards it.
+fn source_of(node: &NodeSettings, backend: IpAddr) -> Option<IpAddr> {
+    match backend {
+        IpAddr::V4(_) => node.address_v4,
+        IpAddr::V6(_) => node.address_v6,
+    }
 }
 
 /// The node's settings the hot path uses.
@@ -148,6 +188,11 @@ fn pack(address: IpAddr, protocol: u8, port: u16) -> PackedVipKey {
     )
 }
 
+/// An IPv4 VIP key as one integer: address, protocol, port (0 for all ports).
+fn pack_v4(address: u32, protocol: u8, port: u16) -> u64 {
+    u64::from(address) << 32 | u64::from(protocol) << 16 | u64::from(port)
+}
+
 /// A config compiled for the hot path.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
@@ -161,6 +206,9 @@ pub struct Snapshot {
     /// The same keys packed for a linear scan, when there are at most [`LINEAR_VIPS`]: cheaper
     /// than hashing for a few VIPs. Empty when there are more.
     linear: Vec<(PackedVipKey, u16)>,
+    /// The IPv4 keys of `linear` as one integer each ([`pack_v4`]), in the same order: the
+    /// common case, matched without building an IPv6-mapped address.
+    linear_v4: Vec<(u64, u16)>,
     /// For fragments, which carry no port: the VIP of an (address, protocol), if one is clear.
     by_address: HashMap<(IpAddr, u8), u16, Xxh3Builder>,
 }
@@ -168,6 +216,13 @@ pub struct Snapshot {
 impl Snapshot {
     /// Compiles a validated config: builds every table. Not for the hot path.
     pub fn compile(config: &Config, generation: u64) -> Result<Self, TableError> {
+        let node = NodeSettings {
+            address_v4: config.node.address_v4,
+            address_v6: config.node.address_v6,
+            mtu: config.node.mtu,
+            ttl: config.node.ttl,
+            unmatched: config.node.unmatched,
+        };
         let mut vips = Vec::with_capacity(config.vips.len());
         let mut by_key = HashMap::with_hasher(OneShotBuild::default());
         for (i, v) in config.vips.iter().enumerate() {
@@ -198,6 +253,11 @@ impl Snapshot {
                     .iter()
                     .map(|b| backend_tag(b.id.0))
                     .collect(),
+                tunnels: table
+                    .backends()
+                    .iter()
+                    .map(|b| tunnel(&node, v.encap, b.id.0))
+                    .collect(),
                 table,
             });
         }
@@ -216,13 +276,6 @@ impl Snapshot {
                 );
             }
         }
-        let node = NodeSettings {
-            address_v4: config.node.address_v4,
-            address_v6: config.node.address_v6,
-            mtu: config.node.mtu,
-            ttl: config.node.ttl,
-            unmatched: config.node.unmatched,
-        };
         let linear = if by_key.len() <= LINEAR_VIPS {
             let mut keys: Vec<_> = by_key
                 .iter()
@@ -233,12 +286,22 @@ impl Snapshot {
         } else {
             Vec::new()
         };
+        let linear_v4 = linear
+            .iter()
+            .filter(|((_, k), _)| k >> 24 == 0)
+            .map(|&((a, k), i)| {
+                // An IPv4 key holds an IPv4-mapped address: its low 32 bits are the address.
+                let [_, protocol, _, _] = k.to_be_bytes();
+                (pack_v4(a as u32, protocol, k as u16), i)
+            })
+            .collect();
         Ok(Self {
             generation,
             node,
             vips,
             by_key,
             linear,
+            linear_v4,
             by_address,
         })
     }
@@ -248,6 +311,35 @@ impl Snapshot {
     #[inline]
     #[must_use]
     pub fn match_vip(&self, dst: IpAddr, protocol: u8, dst_port: u16) -> Option<u16> {
+        match dst {
+            IpAddr::V4(a) if !self.linear.is_empty() => {
+                self.match_linear_v4(u32::from(a), protocol, dst_port)
+            }
+            _ => self.match_vip_general(dst, protocol, dst_port),
+        }
+    }
+
+    /// [`Self::match_vip`] for IPv4 with few VIPs: one pass over `linear_v4`, an exact key
+    /// first, else the all-ports key (they are distinct, so the first exact one wins).
+    #[inline]
+    fn match_linear_v4(&self, address: u32, protocol: u8, dst_port: u16) -> Option<u16> {
+        let any_port = pack_v4(address, protocol, 0);
+        let exact = any_port | u64::from(dst_port);
+        let mut all_ports = None;
+        for &(key, index) in &self.linear_v4 {
+            if key == exact {
+                return Some(index);
+            }
+            if key == any_port {
+                all_ports = Some(index);
+            }
+        }
+        all_ports
+    }
+
+    /// [`Self::match_vip`] for IPv6, or for more than [`LINEAR_VIPS`] keys.
+    #[inline(never)]
+    fn match_vip_general(&self, dst: IpAddr, protocol: u8, dst_port: u16) -> Option<u16> {
         if !self.linear.is_empty() {
             let (address, exact) = pack(dst, protocol, dst_port);
             let any_port = exact & !0xffff;
@@ -292,10 +384,7 @@ impl Snapshot {
     /// The outer source address for a backend of this family, if the node has one.
     #[must_use]
     pub fn source_for(&self, backend: IpAddr) -> Option<IpAddr> {
-        match backend {
-            IpAddr::V4(_) => self.node.address_v4,
-            IpAddr::V6(_) => self.node.address_v6,
-        }
+        source_of(&self.node, backend)
     }
 }
 
@@ -407,6 +496,69 @@ mod tests {
             .collect();
         assert_eq!(linear, hashed);
         assert!(linear.iter().filter(|m| m.is_some()).count() >= 4);
+    }
+
+    #[test]
+    fn ipv4_scan_and_hash_map_agree_with_both_families() {
+        let text = r#"
+            [node]
+            address_v4 = "198.18.11.2"
+            address_v6 = "2001:db8:11::2"
+            [[vip]]
+            name = "web"
+            address = "198.18.100.1"
+            protocol = "tcp"
+            port = 80
+            encap = "ipip"
+            [[vip]]
+            name = "web-tls"
+            address = "198.18.100.1"
+            protocol = "tcp"
+            port = 443
+            encap = "ipip"
+            [[vip]]
+            name = "dns"
+            address = "198.18.100.2"
+            protocol = "udp"
+            port = "all"
+            encap = "gre"
+            [[vip]]
+            name = "web6"
+            address = "2001:db8:100::1"
+            protocol = "tcp"
+            port = 80
+            encap = "ipip"
+        "#;
+        let mut s = Snapshot::compile(&Config::from_toml(text, "t").unwrap(), 1).unwrap();
+        assert_eq!(s.linear_v4.len(), 3);
+        let addresses: [IpAddr; 6] = [
+            "198.18.100.1".parse().unwrap(),
+            "198.18.100.2".parse().unwrap(),
+            "198.18.100.3".parse().unwrap(),
+            "2001:db8:100::1".parse().unwrap(),
+            "::ffff:198.18.100.1".parse().unwrap(),
+            "::ffff:198.18.100.3".parse().unwrap(),
+        ];
+        let mut probes = Vec::new();
+        for a in addresses {
+            for p in [PROTO_TCP, PROTO_UDP, 1] {
+                for port in [0u16, 53, 80, 443, 444] {
+                    probes.push((a, p, port));
+                }
+            }
+        }
+        let scanned: Vec<_> = probes
+            .iter()
+            .map(|&(a, p, port)| s.match_vip(a, p, port))
+            .collect();
+        s.linear.clear();
+        let hashed: Vec<_> = probes
+            .iter()
+            .map(|&(a, p, port)| s.match_vip(a, p, port))
+            .collect();
+        assert_eq!(scanned, hashed);
+        // 198.18.100.1: tcp 80, 443; 198.18.100.2: udp at every port; 2001:db8:100::1: tcp 80.
+        assert_eq!(scanned.iter().filter(|m| m.is_some()).count(), 2 + 5 + 1);
     }
 
     #[test]
