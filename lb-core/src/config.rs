@@ -102,6 +102,10 @@ pub struct NodeConfig {
     /// Where the Prometheus exporter listens (`/metrics`); loopback by default.
     #[serde(default = "default_metrics_address")]
     pub metrics_address: SocketAddr,
+    /// Daisy chaining (Beamer): for this long after a table change, a GRE VIP's packets whose
+    /// backend changed carry the previous backend in the GRE key; 0 turns it off.
+    #[serde(default = "default_chain_window")]
+    pub chain_window_seconds: u32,
 }
 
 impl NodeConfig {

@@ -25,6 +25,7 @@ use etherparse::{Icmpv4Type, Icmpv6Type, PacketBuilder, icmpv4::DestUnreachableH
 
 use crate::config::Unmatched;
 use crate::conntrack::{ConnTable, Tracked};
+use crate::encap::{self, EncapKind, EncapParams};
 use crate::flow::FlowKey;
 use crate::packet::{self, Kind, Layer, Link, ParseError, Parsed};
 use crate::snapshot::{Snapshot, Vip};
@@ -382,7 +383,8 @@ fn decide_parsed(
     let hash = hash.unwrap_or_else(|| flow.hash());
     debug_assert_eq!(hash, flow.hash());
     let is_icmp_error = matches!(parsed.kind, Kind::IcmpError { .. });
-    let Some(backend) = choose_backend(
+    let Some((backend, chain_key)) = choose_backend(
+        snapshot,
         vip,
         vip_index,
         &flow,
@@ -402,6 +404,27 @@ fn decide_parsed(
     let Some(tunnel) = vip.tunnel(backend) else {
         return Action::Drop(DropReason::NoSourceAddress);
     };
+    if let Some(key) = chain_key {
+        // Daisy chaining, within the window after a change: the GRE key names the previous
+        // backend. Rare (moved slots only), so the generic encapsulation is fine here.
+        let params = EncapParams {
+            kind: EncapKind::Gre { key: Some(key) },
+            ..*tunnel.params()
+        };
+        let overhead = encap::overhead(params.kind, params.outer_dst.is_ipv6());
+        if parsed.ip.len() + overhead > usize::from(snapshot.node.mtu) {
+            return too_big(&parsed, snapshot, overhead, state, now, out);
+        }
+        return match encap::encapsulate(parsed.ip, &params, out) {
+            Ok(len) => Action::Encap {
+                vip: vip_index,
+                backend,
+                to,
+                len,
+            },
+            Err(_) => Action::Drop(DropReason::Internal),
+        };
+    }
     let overhead = tunnel.overhead();
     if parsed.ip.len() + overhead > usize::from(snapshot.node.mtu) {
         return too_big(&parsed, snapshot, overhead, state, now, out);
@@ -419,11 +442,16 @@ fn decide_parsed(
 
 /// The backend of a flow: its tracked backend while that is still in the table, else the
 /// Maglev table's (tracking the new choice). ICMP errors only read the connection table.
+///
+/// Within a daisy-chaining window ([`Snapshot::chain_from`]), a flow the table moved gets the
+/// previous backend's tag as well, and is not tracked: its packets keep naming the previous
+/// backend (which may hold the connection) until the window closes.
 #[expect(
     clippy::too_many_arguments,
     reason = "one call site; the values are the decision's state"
 )]
 fn choose_backend(
+    snapshot: &Snapshot,
     vip: &Vip,
     vip_index: u16,
     flow: &FlowKey,
@@ -432,16 +460,21 @@ fn choose_backend(
     is_icmp_error: bool,
     state: &mut WorkerState,
     now: u64,
-) -> Option<u16> {
+) -> Option<(u16, Option<u32>)> {
     // A drained backend (weight 0) stays in the table's list, so its tracked flows continue.
     if tracked
         && let Some(t) = state.conntrack.lookup(flow, hash, now)
         && t.vip == vip_index
         && vip.still_serves(t.backend, t.backend_tag)
     {
-        return Some(t.backend);
+        return Some((t.backend, None));
     }
     let backend = vip.table.lookup(hash)?;
+    if let Some(address) = vip.backend(backend).map(|b| b.id.0)
+        && let Some(key) = snapshot.previous_backend_tag(vip_index, hash, address, now)
+    {
+        return Some((backend, Some(key)));
+    }
     if tracked && !is_icmp_error {
         let tag = vip.backend_tag(backend).unwrap_or(0);
         // A full table (InsertOutcome::Full, counted by the table) is not a drop: the flow is
@@ -457,7 +490,7 @@ fn choose_backend(
             now,
         );
     }
-    Some(backend)
+    Some((backend, None))
 }
 
 /// Answers a packet too big to encapsulate: ICMP "fragmentation needed" (IPv4 with DF) or
@@ -792,6 +825,61 @@ mod tests {
                 output_hex: "6000000000392f3f20010db800110000000000000000000220010db8002200000000000000000002000086dd60000000000d114020010db800010000000000000000000220010db801000000000000000000000114e90035000d3e587175657279",
             },
         ]
+    }
+
+    #[test]
+    fn moved_flows_name_their_previous_backend_in_the_gre_key_within_the_window() {
+        let gre_pool = |backends: &[&str]| {
+            let mut t = String::from(
+                "[node]\naddress_v4 = \"198.18.11.2\"\n[[vip]]\nname = \"pool\"\naddress = \"198.18.100.2\"\nprotocol = \"tcp\"\nport = 80\nencap = \"gre\"\n",
+            );
+            for b in backends {
+                t.push_str(&format!("[[vip.backend]]\naddress = \"{b}\"\n"));
+            }
+            t
+        };
+        let old = snapshot(&gre_pool(&["198.18.21.2", "198.18.22.2"]));
+        let mut new = snapshot(&gre_pool(&["198.18.21.2", "198.18.22.2", "198.18.23.2"]));
+        let until = 1_000_000_000;
+        new.chain_from(&old, until);
+        let mut state = worker();
+        let (mut moved, mut stayed) = (0, 0);
+        for sport in 1000..1300u16 {
+            let frame = tcp4(CLIENT, POOL, sport, 80, false, 10);
+            let flow = FlowKey::v4(CLIENT.into(), POOL.into(), PROTO_TCP, sport, 80);
+            let before = old.vips[0].table.lookup_backend(flow.hash()).unwrap().id.0;
+            let now_backend = new.vips[0].table.lookup_backend(flow.hash()).unwrap().id.0;
+            let (action, out) = run(&new, &mut state, &frame, 10);
+            let Action::Encap { to, .. } = action else {
+                panic!("{action:?}")
+            };
+            assert_eq!(to, now_backend);
+            let tunnel = encap::decapsulate(&out).unwrap();
+            assert_eq!(tunnel.inner, &frame[..]);
+            if before == now_backend {
+                stayed += 1;
+                assert_eq!(tunnel.gre_key, None, "an unmoved flow carries no key");
+            } else {
+                moved += 1;
+                assert_eq!(tunnel.gre_key, Some(crate::snapshot::backend_tag(before)));
+                // Not tracked: the next packet names the previous backend again.
+                let (_, again) = run(&new, &mut state, &frame, 20);
+                assert_eq!(encap::decapsulate(&again).unwrap().gre_key, tunnel.gre_key);
+                // After the window: no key, and the flow is tracked to its new backend.
+                let (_, late) = run(&new, &mut state, &frame, until + 1);
+                assert_eq!(encap::decapsulate(&late).unwrap().gre_key, None);
+            }
+        }
+        assert!(moved > 50 && stayed > 100, "moved {moved}, stayed {stayed}");
+        // IP-in-IP has no key to carry it: nothing is kept.
+        let mut ipip = snapshot(CONFIG);
+        ipip.chain_from(
+            &snapshot(&CONFIG.replace("198.18.23.2", "198.18.24.2")),
+            until,
+        );
+        let frame = tcp4(CLIENT, POOL, 4242, 80, true, 0);
+        let (_, out) = run(&ipip, &mut worker(), &frame, 10);
+        assert_eq!(encap::decapsulate(&out).unwrap().gre_key, None);
     }
 
     #[test]

@@ -211,6 +211,19 @@ pub struct Snapshot {
     linear_v4: Vec<(u64, u16)>,
     /// For fragments, which carry no port: the VIP of an (address, protocol), if one is clear.
     by_address: HashMap<(IpAddr, u8), u16, Xxh3Builder>,
+    /// Daisy chaining (Beamer): the previous generation's tables, until a deadline.
+    previous: Option<Previous>,
+}
+
+/// The tables a snapshot replaced, kept for a window so that a mux can name a flow's previous
+/// backend (see [`Snapshot::chain_from`]).
+#[derive(Clone, Debug)]
+struct Previous {
+    /// `now` (the workers' clock, nanoseconds) after which the previous tables are ignored.
+    until: u64,
+    /// The previous table of each current VIP (matched by name), if it had one; only for GRE
+    /// VIPs, whose key can carry the previous backend.
+    tables: Vec<Option<MaglevTable>>,
 }
 
 impl Snapshot {
@@ -303,7 +316,50 @@ impl Snapshot {
             linear,
             linear_v4,
             by_address,
+            previous: None,
         })
+    }
+
+    /// Keeps `old`'s tables as the previous generation until `until` (the workers' clock, in
+    /// nanoseconds): for that window, a GRE VIP's packet steered by the table to a backend other
+    /// than the one `old` would have chosen carries the old one's [`backend_tag`] in its GRE
+    /// key, so the new backend's agent can chain a connection it does not have on to it. Call
+    /// before publishing; a snapshot is immutable once published.
+    pub fn chain_from(&mut self, old: &Snapshot, until: u64) {
+        let tables = self
+            .vips
+            .iter()
+            .map(|v| {
+                if v.encap != Encap::Gre {
+                    return None;
+                }
+                old.vips
+                    .iter()
+                    .find(|o| o.name == v.name && o.fingerprint != v.fingerprint)
+                    .map(|o| o.table.clone())
+            })
+            .collect::<Vec<_>>();
+        self.previous = tables
+            .iter()
+            .any(Option::is_some)
+            .then_some(Previous { until, tables });
+    }
+
+    /// The tag of the backend the previous generation's table gives `flow_hash` of VIP
+    /// `vip_index`, while the chaining window is open and if it differs from `backend`.
+    #[inline]
+    #[must_use]
+    pub fn previous_backend_tag(
+        &self,
+        vip_index: u16,
+        flow_hash: u64,
+        backend: IpAddr,
+        now: u64,
+    ) -> Option<u32> {
+        let previous = self.previous.as_ref().filter(|p| now < p.until)?;
+        let table = previous.tables.get(usize::from(vip_index))?.as_ref()?;
+        let old = table.lookup_backend(flow_hash)?.id.0;
+        (old != backend).then(|| backend_tag(old))
     }
 
     /// The VIP a packet to `dst`, `protocol`, `dst_port` belongs to: an exact port match first,

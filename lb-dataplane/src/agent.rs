@@ -12,7 +12,8 @@
 //! **The decision** ([`classify`], pure):
 //! 1. Not a tunnel packet to one of this host's addresses: not ours, ignored (host traffic).
 //! 2. The outer source is not one of `agent.muxes`: rejected and counted. Otherwise anyone could
-//!    inject traffic for a VIP.
+//!    inject traffic for a VIP. The one exception: another backend of the config chaining a
+//!    packet here (GRE without a key, step 4), which is delivered and never chained again.
 //! 3. The inner destination is not a VIP of the config: rejected and counted.
 //! 4. **Daisy chaining (Beamer).** A GRE key carries the [`backend_tag`] of the flow's previous
 //!    backend, set by a mux for a slot whose backend changed within its window. A TCP packet
@@ -82,6 +83,8 @@ pub enum Verdict<'a> {
     },
     /// Delivered locally although it carried a previous backend this host does not know.
     DeliverUnknownPrevious(&'a [u8]),
+    /// Delivered locally: chained here by another backend (this host is the previous one).
+    DeliverChained(&'a [u8]),
 }
 
 /// What [`classify`] checks against, built from the config.
@@ -90,6 +93,8 @@ pub struct Policy {
     addresses: Vec<IpAddr>,
     my_tags: Vec<u32>,
     muxes: Vec<IpNet>,
+    /// The other backends: they may chain a packet here (GRE without a key).
+    peers: BTreeSet<IpAddr>,
     vips: BTreeSet<IpAddr>,
     previous: HashMap<u32, IpAddr>,
     chaining: bool,
@@ -125,9 +130,15 @@ impl Policy {
                 ));
             }
         }
+        let peers = backends
+            .iter()
+            .copied()
+            .filter(|b| !addresses.contains(b))
+            .collect();
         Ok(Self {
             my_tags: addresses.iter().map(|&a| backend_tag(a)).collect(),
             addresses,
+            peers,
             muxes: agent.muxes.clone(),
             vips: config.vips.iter().map(|v| v.address).collect(),
             previous,
@@ -172,7 +183,12 @@ pub fn classify<'a>(
     if !policy.addresses.contains(&tunnel.outer_dst) {
         return Verdict::NotOurs;
     }
-    if !policy.muxes.iter().any(|n| n.contains(&tunnel.outer_src)) {
+    let from_mux = policy.muxes.iter().any(|n| n.contains(&tunnel.outer_src));
+    // Another backend may pass on a packet it was sent by mistake (daisy chaining); such a
+    // packet never carries a key, so it cannot be passed on again.
+    let chained_here =
+        !from_mux && tunnel.gre_key.is_none() && policy.peers.contains(&tunnel.outer_src);
+    if !from_mux && !chained_here {
         return Verdict::Reject(Reject::ForeignSource);
     }
     let Ok(inner) = packet::parse(tunnel.inner, Link::Ip) else {
@@ -183,6 +199,9 @@ pub fn classify<'a>(
     };
     if !policy.vips.contains(&inner_flow.dst()) {
         return Verdict::Reject(Reject::UnknownVip);
+    }
+    if chained_here {
+        return Verdict::DeliverChained(inner.ip);
     }
     let Some(tag) = tunnel
         .gre_key
@@ -274,6 +293,7 @@ mod tests {
         Deliver(Vec<u8>),
         Chain(Vec<u8>, IpAddr),
         DeliverUnknownPrevious(Vec<u8>),
+        DeliverChained(Vec<u8>),
     }
 
     fn run(packet: &[u8], policy: &Policy, local: bool) -> Owned {
@@ -283,6 +303,7 @@ mod tests {
             Verdict::Deliver(p) => Owned::Deliver(p.to_vec()),
             Verdict::Chain { inner, to } => Owned::Chain(inner.to_vec(), to),
             Verdict::DeliverUnknownPrevious(p) => Owned::DeliverUnknownPrevious(p.to_vec()),
+            Verdict::DeliverChained(p) => Owned::DeliverChained(p.to_vec()),
         }
     }
 
@@ -350,11 +371,34 @@ mod tests {
             matches!(run(&mine, &policy, false), Owned::Deliver(_)),
             "never to itself"
         );
+        // The previous backend accepts the chained packet (no key) from its peer, once.
+        let peer = Policy::from_config(&config(30).tap_address(OTHER)).unwrap();
+        let chained = tunnel(&ack, ME, OTHER, None);
+        assert_eq!(
+            run(&chained, &peer, false),
+            Owned::DeliverChained(ack.clone())
+        );
+        let keyed_from_peer = tunnel(&ack, ME, OTHER, Some(previous));
+        assert_eq!(
+            run(&keyed_from_peer, &peer, false),
+            Owned::Reject(Reject::ForeignSource)
+        );
         let off = Policy::from_config(&config(0)).unwrap();
         assert!(
             matches!(run(&keyed, &off, false), Owned::Deliver(_)),
             "window 0: no chaining"
         );
+    }
+
+    trait TapAddress {
+        fn tap_address(self, address: &str) -> Self;
+    }
+
+    impl TapAddress for Config {
+        fn tap_address(mut self, address: &str) -> Self {
+            self.node.address_v4 = Some(address.parse().unwrap());
+            self
+        }
     }
 
     #[test]

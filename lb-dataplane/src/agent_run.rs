@@ -58,6 +58,8 @@ pub struct AgentCounters {
     pub delivered_unknown_previous: u64,
     /// Packets sent on to their previous backend (daisy chaining).
     pub chained: u64,
+    /// Packets another backend chained here, delivered.
+    pub delivered_chained: u64,
     /// Rejected tunnel packets, indexed as [`Reject::ALL`].
     pub rejected: [u64; Reject::ALL.len()],
     /// TUN writes that failed.
@@ -123,6 +125,7 @@ impl Shared {
                 "delivered": c.delivered,
                 "delivered_unknown_previous": c.delivered_unknown_previous,
                 "chained": c.chained,
+                "delivered_chained": c.delivered_chained,
                 "rejected": rejected,
                 "tun_errors": c.tun_errors,
                 "chain_send_failed": c.chain_send_failed,
@@ -291,9 +294,13 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
             match verdict {
                 Verdict::NotOurs => {}
                 Verdict::Reject(r) => local.rejected[r as usize] += 1,
-                Verdict::Deliver(inner) | Verdict::DeliverUnknownPrevious(inner) => {
-                    if matches!(verdict, Verdict::DeliverUnknownPrevious(_)) {
-                        local.delivered_unknown_previous += 1;
+                Verdict::Deliver(inner)
+                | Verdict::DeliverUnknownPrevious(inner)
+                | Verdict::DeliverChained(inner) => {
+                    match verdict {
+                        Verdict::DeliverUnknownPrevious(_) => local.delivered_unknown_previous += 1,
+                        Verdict::DeliverChained(_) => local.delivered_chained += 1,
+                        _ => {}
                     }
                     match tun.write_packet(inner) {
                         Ok(()) => local.delivered += 1,
@@ -363,6 +370,7 @@ fn export(shared: &Shared) {
     counter!("lb_agent_delivered_total").absolute(c.delivered);
     counter!("lb_agent_delivered_unknown_previous_total").absolute(c.delivered_unknown_previous);
     counter!("lb_agent_chained_total").absolute(c.chained);
+    counter!("lb_agent_delivered_chained_total").absolute(c.delivered_chained);
     for (r, n) in Reject::ALL.iter().zip(c.rejected) {
         counter!("lb_agent_rejected_total", "reason" => r.name()).absolute(n);
     }

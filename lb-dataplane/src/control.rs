@@ -239,9 +239,14 @@ impl ControlPlane {
                 self.config_path.display()
             ));
         }
-        let generation = self.shared.snapshot.load().generation + 1;
-        let snapshot = Snapshot::compile(&effective, generation)
+        let old = self.shared.snapshot.load_full();
+        let generation = old.generation + 1;
+        let mut snapshot = Snapshot::compile(&effective, generation)
             .map_err(|e| format!("{}: {e}", self.config_path.display()))?;
+        let window = u64::from(effective.node.chain_window_seconds) * 1_000_000_000;
+        if window > 0 {
+            snapshot.chain_from(&old, crate::worker::monotonic_ns().saturating_add(window));
+        }
         inner.base = base;
         inner.overrides = overrides;
         let snapshot = Arc::new(snapshot);

@@ -131,8 +131,10 @@ impl WorkerHandle {
     }
 }
 
-/// Nanoseconds on a monotonic clock shared by all workers (never 0).
-fn monotonic_ns() -> u64 {
+/// Nanoseconds on a monotonic clock shared by all workers and the control plane (never 0):
+/// the `now` of [`lb_core::forward::process`].
+#[must_use]
+pub fn monotonic_ns() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     let epoch = *EPOCH.get_or_init(Instant::now);
     u64::try_from(epoch.elapsed().as_nanos())
