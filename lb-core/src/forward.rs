@@ -128,6 +128,14 @@ pub enum Action {
         /// Length of the encapsulated packet in the output buffer.
         len: usize,
     },
+    /// Send the first `len` bytes of the output buffer (an encapsulated packet) to `to`, the
+    /// backend owning the SNAT port this return traffic is addressed to.
+    SnatReturn {
+        /// The owning backend: the outer destination.
+        to: IpAddr,
+        /// Length of the encapsulated packet in the output buffer.
+        len: usize,
+    },
     /// Send the first `len` bytes of the output buffer (an ICMP error, an IP packet) back to
     /// the client.
     IcmpReply {
@@ -149,6 +157,8 @@ pub struct Counters {
     pub encapsulated: u64,
     /// Frames passed to the host.
     pub passed: u64,
+    /// Of the encapsulated packets, SNAT return traffic sent to the owner of its port.
+    pub snat_returned: u64,
     /// ICMP "too big" answers sent.
     pub icmp_too_big_sent: u64,
     /// Drops, indexed as [`DropReason::ALL`].
@@ -162,6 +172,10 @@ impl Counters {
         self.packets += 1;
         match action {
             Action::Encap { .. } => self.encapsulated += 1,
+            Action::SnatReturn { .. } => {
+                self.encapsulated += 1;
+                self.snat_returned += 1;
+            }
             Action::IcmpReply { .. } => self.icmp_too_big_sent += 1,
             Action::Pass => self.passed += 1,
             Action::Drop(reason) => self.drops[reason.index()] += 1,
@@ -347,7 +361,12 @@ fn decide_parsed(
         Kind::Transport { flow, .. } => {
             match snapshot.match_vip(flow.dst(), flow.protocol(), flow.dst_port()) {
                 Some(v) => (flow, v, true),
-                None => return unmatched(),
+                None => {
+                    return match snapshot.snat_owner(flow.dst(), flow.dst_port()) {
+                        Some((to, tunnel)) => snat_return(&parsed, snapshot, to, tunnel, state, now, out),
+                        None => unmatched(),
+                    };
+                }
             }
         }
         Kind::IcmpError { quoted, .. } => {
@@ -436,6 +455,28 @@ fn decide_parsed(
             to,
             len,
         },
+        Err(_) => Action::Drop(DropReason::Internal),
+    }
+}
+
+/// Return traffic of an egress SNAT connection (to a VIP address and a port of its SNAT space):
+/// encapsulated to the backend that owns the port's range. No connection tracking: the range
+/// map is exact and the same on every mux.
+fn snat_return(
+    parsed: &Parsed<'_>,
+    snapshot: &Snapshot,
+    to: IpAddr,
+    tunnel: &encap::Tunnel,
+    state: &mut WorkerState,
+    now: u64,
+    out: &mut [u8],
+) -> Action {
+    let overhead = tunnel.overhead();
+    if parsed.ip.len() + overhead > usize::from(snapshot.node.mtu) {
+        return too_big(parsed, snapshot, overhead, state, now, out);
+    }
+    match tunnel.encapsulate(parsed.ip, out) {
+        Ok(len) => Action::SnatReturn { to, len },
         Err(_) => Action::Drop(DropReason::Internal),
     }
 }

@@ -22,6 +22,7 @@ use crate::hash::xxh3;
 use crate::config::{Config, Encap, PortSpec, Unmatched};
 use crate::encap::{EncapKind, EncapParams, Tunnel};
 use crate::maglev::{MaglevTable, TableError, WeightedBackend};
+use crate::snat::PortRanges;
 
 /// One VIP as the hot path sees it.
 #[derive(Clone, Debug)]
@@ -213,6 +214,16 @@ pub struct Snapshot {
     by_address: HashMap<(IpAddr, u8), u16, Xxh3Builder>,
     /// Daisy chaining (Beamer): the previous generation's tables, until a deadline.
     previous: Option<Previous>,
+    /// Egress SNAT return traffic: per SNAT address, who owns which port range.
+    snat: Vec<SnatReturn>,
+}
+
+/// The SNAT port ranges of one VIP address, as the mux sees them: one owner per range, and a
+/// tunnel to each owner (the encapsulation of the address's first VIP).
+#[derive(Clone, Debug)]
+struct SnatReturn {
+    ranges: PortRanges,
+    tunnels: Vec<Option<Tunnel>>,
 }
 
 /// The tables a snapshot replaced, kept for a window so that a mux can name a flow's previous
@@ -289,6 +300,24 @@ impl Snapshot {
                 );
             }
         }
+        let snat = config
+            .snats
+            .iter()
+            .map(|c| {
+                let ranges = PortRanges::build(c, &config.snat_backends(c.address));
+                let encap = config
+                    .vips
+                    .iter()
+                    .find(|v| v.address == c.address)
+                    .map_or(Encap::Ipip, |v| v.encap);
+                let tunnels = ranges
+                    .backends()
+                    .iter()
+                    .map(|&b| tunnel(&node, encap, b))
+                    .collect();
+                SnatReturn { ranges, tunnels }
+            })
+            .collect();
         let linear = if by_key.len() <= LINEAR_VIPS {
             let mut keys: Vec<_> = by_key
                 .iter()
@@ -317,7 +346,21 @@ impl Snapshot {
             linear_v4,
             by_address,
             previous: None,
+            snat,
         })
+    }
+
+    /// The backend that owns SNAT port `port` of `address` (return traffic of an egress
+    /// connection), with its tunnel; None when the address has no SNAT or the port is outside
+    /// its space.
+    #[inline]
+    #[must_use]
+    pub fn snat_owner(&self, address: IpAddr, port: u16) -> Option<(IpAddr, &Tunnel)> {
+        let snat = self.snat.iter().find(|s| s.ranges.address() == address)?;
+        let index = snat.ranges.owner_index(port)?;
+        let to = *snat.ranges.backends().get(usize::from(index))?;
+        let tunnel = snat.tunnels.get(usize::from(index))?.as_ref()?;
+        Some((to, tunnel))
     }
 
     /// Keeps `old`'s tables as the previous generation until `until` (the workers' clock, in

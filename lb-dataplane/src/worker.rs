@@ -254,6 +254,13 @@ fn run(
                             queue_errors += 1;
                         }
                     }
+                    Action::SnatReturn { to, len } => {
+                        if let Some(packet) = out.get(..len)
+                            && transmitter.queue(packet, to).is_err()
+                        {
+                            queue_errors += 1;
+                        }
+                    }
                     Action::IcmpReply { len } => {
                         if let Some(packet) = out.get(..len)
                             && let Some(client) = ip_destination(packet)
