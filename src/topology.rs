@@ -16,9 +16,27 @@
 //! The addressing plan puts mux `i` in 198.18.(10+i).0/24 and backend `j` in
 //! 198.18.(20+j).0/24, hence at most [`Fleet::MAX_MUXES`] muxes and [`Fleet::MAX_BACKENDS`]
 //! backends.
+//!
+//! **Dual stack** ([`FleetPlan::ipv6`]). Every link also gets IPv6 addresses from the
+//! benchmarking range 2001:2::/48 (RFC 5180), mirroring the IPv4 plan: the IPv4 link
+//! 198.18.N.0/24 becomes 2001:2:0:N::/64 (N written with the same digits, so mux `i` is on
+//! 2001:2:0:1`i`::/64 and backend `j` on 2001:2:0:2`j`::/64), the router is `::1` and the
+//! host `::2` on each link, and the VIP is [`Fleet::VIP6`] = 2001:2:0:100::1.
+//!
+//! ```text
+//!  client c0 2001:2:0:1::2 ── r-c 2001:2:0:1::1 [router] r-mI 2001:2:0:1I::1 ── m0 2001:2:0:1I::2
+//!                                               [router] r-bJ 2001:2:0:2J::1 ── b0 2001:2:0:2J::2
+//! ```
+//!
+//! In every namespace duplicate address detection is off (`accept_dad` 0, and `nodad` on each
+//! address), so addresses are usable at once. The router forwards IPv6 and hashes it on the
+//! 5-tuple (`net.ipv6.fib_multipath_hash_policy` 1; the kernel hashes IPv6 with the seed of
+//! `net.ipv4.fib_multipath_hash_seed` too); the muxes keep `net.ipv6.conf.all.forwarding` 0, so
+//! their kernel drops VIP6 packets as it drops IPv4 VIP packets. Only addresses of 2001:2::/48
+//! are used, only inside the lab's namespaces.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::netns::{Lab, Namespace, VethEnd};
 
@@ -32,6 +50,9 @@ pub struct FleetPlan {
     /// The router's VIP route uses a resilient nexthop group (only a lost mux's flows move)
     /// instead of a plain multipath route (up to half of the flows may move).
     pub resilient: bool,
+    /// Dual stack: IPv6 addresses on every link as well, IPv6 forwarding and ECMP on the
+    /// router, and a route for [`Fleet::VIP6`] over the muxes (see the module docs).
+    pub ipv6: bool,
 }
 
 /// A built fleet: handles to its namespaces (which live as long as the [`Lab`]).
@@ -51,6 +72,20 @@ pub struct Fleet {
 impl Fleet {
     /// The virtual IP the fleet serves.
     pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+    /// The IPv6 virtual IP the fleet serves (with [`FleetPlan::ipv6`]).
+    pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0x100, 0, 0, 0, 1);
+    /// The client's IPv6 address (with [`FleetPlan::ipv6`]).
+    pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 2);
+    /// The router's IPv6 address on the client's link, the client's IPv6 gateway.
+    pub const ROUTER_CLIENT_SIDE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 1);
+    /// Id of the resilient nexthop group of the IPv4 VIP route; its nexthops are ids 1..=9
+    /// (the mux index).
+    pub const NEXTHOP_GROUP: u32 = 100;
+    /// Id of the resilient nexthop group of the IPv6 VIP route.
+    pub const NEXTHOP_GROUP6: u32 = 600;
+    /// The IPv6 nexthop of mux `i` has id `NEXTHOP6_BASE + i` (61..=69): no collision with
+    /// the IPv4 ones (1..=9) nor with the groups.
+    pub const NEXTHOP6_BASE: u32 = 60;
     /// The client's address (interface `c0`).
     pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
     /// The router's address on the client's link (interface `r-c`), the client's gateway.
@@ -84,6 +119,26 @@ impl Fleet {
     /// The router's address on backend `j`'s link (interface `r-b{j}`): 198.18.2`j`.1.
     pub fn router_backend_side(j: usize) -> Ipv4Addr {
         Ipv4Addr::new(198, 18, subnet(20, j, Self::MAX_BACKENDS, "backend"), 1)
+    }
+
+    /// IPv6 address of mux `i` (1-based): 2001:2:0:1`i`::2. Panics if `i` is not 1..=9.
+    pub fn mux_address_v6(i: usize) -> Ipv6Addr {
+        v6(subnet(10, i, Self::MAX_MUXES, "mux"), 2)
+    }
+
+    /// The router's IPv6 address on mux `i`'s link: 2001:2:0:1`i`::1.
+    pub fn router_mux_side_v6(i: usize) -> Ipv6Addr {
+        v6(subnet(10, i, Self::MAX_MUXES, "mux"), 1)
+    }
+
+    /// IPv6 address of backend `j` (1-based): 2001:2:0:2`j`::2. Panics if `j` is not 1..=9.
+    pub fn backend_address_v6(j: usize) -> Ipv6Addr {
+        v6(subnet(20, j, Self::MAX_BACKENDS, "backend"), 2)
+    }
+
+    /// The router's IPv6 address on backend `j`'s link: 2001:2:0:2`j`::1.
+    pub fn router_backend_side_v6(j: usize) -> Ipv6Addr {
+        v6(subnet(20, j, Self::MAX_BACKENDS, "backend"), 1)
     }
 
     /// Creates the namespaces in `lab` and wires them. One fleet per lab (namespace names
@@ -125,6 +180,48 @@ impl Fleet {
         ] {
             router.sysctl(key, value)?;
         }
+        if plan.ipv6 {
+            // Before any link exists: `default` is what new devices inherit.
+            for ns in [&client, &router]
+                .into_iter()
+                .chain(&muxes)
+                .chain(&backends)
+            {
+                for (key, value) in [
+                    ("net.ipv6.conf.all.disable_ipv6", "0"),
+                    ("net.ipv6.conf.default.disable_ipv6", "0"),
+                    ("net.ipv6.conf.all.accept_dad", "0"),
+                    ("net.ipv6.conf.default.accept_dad", "0"),
+                    ("net.ipv6.conf.all.forwarding", "0"),
+                ] {
+                    ns.sysctl(key, value)?;
+                }
+            }
+            for (key, value) in [
+                ("net.ipv6.conf.all.forwarding", "1"),
+                ("net.ipv6.fib_multipath_hash_policy", "1"),
+                ("net.ipv6.conf.all.ignore_routes_with_linkdown", "1"),
+                ("net.ipv6.conf.default.ignore_routes_with_linkdown", "1"),
+            ] {
+                router.sysctl(key, value)?;
+            }
+        }
+        // Adds the IPv6 addresses of a link and the host's default IPv6 route.
+        let dual = |host: &Namespace,
+                    host_if: &str,
+                    host_addr: Ipv6Addr,
+                    router_if: &str,
+                    router_addr: Ipv6Addr|
+         -> io::Result<()> {
+            if !plan.ipv6 {
+                return Ok(());
+            }
+            add_v6(host, host_if, host_addr)?;
+            add_v6(&router, router_if, router_addr)?;
+            let gw = router_addr.to_string();
+            host.ip(&["-6", "route", "add", "default", "via", &gw, "dev", host_if])?;
+            Ok(())
+        };
 
         lab.veth(
             VethEnd::new(&client, "c0", &cidr24(Self::CLIENT)),
@@ -134,6 +231,13 @@ impl Fleet {
         client.exec_checked("ethtool", &["-K", "c0", "tx", "off"])?;
         let gw = Self::ROUTER_CLIENT_SIDE.to_string();
         client.ip(&["route", "add", "default", "via", &gw])?;
+        dual(
+            &client,
+            "c0",
+            Self::CLIENT6,
+            "r-c",
+            Self::ROUTER_CLIENT_SIDE6,
+        )?;
 
         for (k, mux) in muxes.iter().enumerate() {
             let i = k + 1;
@@ -148,6 +252,13 @@ impl Fleet {
             )?;
             let gw = Self::router_mux_side(i).to_string();
             mux.ip(&["route", "add", "default", "via", &gw])?;
+            dual(
+                mux,
+                "m0",
+                Self::mux_address_v6(i),
+                &format!("r-m{i}"),
+                Self::router_mux_side_v6(i),
+            )?;
         }
         for (k, be) in backends.iter().enumerate() {
             let j = k + 1;
@@ -162,6 +273,13 @@ impl Fleet {
             )?;
             let gw = Self::router_backend_side(j).to_string();
             be.ip(&["route", "add", "default", "via", &gw])?;
+            dual(
+                be,
+                "b0",
+                Self::backend_address_v6(j),
+                &format!("r-b{j}"),
+                Self::router_backend_side_v6(j),
+            )?;
             // Once the VIP is on lo: never answer ARP for it, never source ARP from it.
             be.sysctl("net.ipv4.conf.all.arp_ignore", "1")?;
             be.sysctl("net.ipv4.conf.all.arp_announce", "2")?;
@@ -196,8 +314,10 @@ impl Fleet {
 
     /// Sets the router's route for [`VIP`](Self::VIP)/32 to ECMP over the given muxes
     /// (1-based indices): a plain multipath route, or with [`FleetPlan::resilient`] a resilient
-    /// nexthop group (id 100, 64 buckets, nexthop ids = mux indices). An empty list removes
-    /// the route.
+    /// nexthop group (id [`NEXTHOP_GROUP`](Self::NEXTHOP_GROUP), 64 buckets, nexthop ids = mux
+    /// indices). With [`FleetPlan::ipv6`] the same for [`VIP6`](Self::VIP6)/128 over the muxes'
+    /// IPv6 addresses (group [`NEXTHOP_GROUP6`](Self::NEXTHOP_GROUP6), nexthop ids
+    /// [`NEXTHOP6_BASE`](Self::NEXTHOP6_BASE) + index). An empty list removes the route(s).
     pub fn route_vip_via(&self, muxes: &[usize]) -> io::Result<()> {
         if let Some(&bad) = muxes.iter().find(|&&i| i == 0 || i > self.plan.muxes) {
             return Err(io::Error::new(
@@ -205,32 +325,59 @@ impl Fleet {
                 format!("no mux {bad} (fleet has {})", self.plan.muxes),
             ));
         }
-        let vip = format!("{}/32", Self::VIP);
+        self.route_family(muxes, false)?;
+        if self.plan.ipv6 {
+            self.route_family(muxes, true)?;
+        }
+        Ok(())
+    }
+
+    /// [`route_vip_via`](Self::route_vip_via) for one address family.
+    fn route_family(&self, muxes: &[usize], ipv6: bool) -> io::Result<()> {
+        let family = if ipv6 { "-6" } else { "-4" };
+        let (vip, group_id, base) = if ipv6 {
+            (
+                format!("{}/128", Self::VIP6),
+                Self::NEXTHOP_GROUP6,
+                Self::NEXTHOP6_BASE,
+            )
+        } else {
+            (format!("{}/32", Self::VIP), Self::NEXTHOP_GROUP, 0)
+        };
+        let via = |i: usize| -> String {
+            if ipv6 {
+                Self::mux_address_v6(i).to_string()
+            } else {
+                Self::mux_address(i).to_string()
+            }
+        };
+        let nexthop_id = |i: usize| base + u32::try_from(i).expect("i <= 9");
         if muxes.is_empty() {
-            let present = self.router.ip(&["route", "show", &vip])?;
+            let present = self.router.ip(&[family, "route", "show", &vip])?;
             if !present.trim().is_empty() {
-                self.router.ip(&["route", "del", &vip])?;
+                self.router.ip(&[family, "route", "del", &vip])?;
             }
             return Ok(());
         }
         if self.plan.resilient {
             for &i in muxes {
-                let via = Self::mux_address(i).to_string();
+                let via = via(i);
                 let dev = format!("r-m{i}");
-                let id = i.to_string();
+                let id = nexthop_id(i).to_string();
                 self.router
                     .ip(&["nexthop", "replace", "id", &id, "via", &via, "dev", &dev])?;
             }
             let group = muxes
                 .iter()
-                .map(ToString::to_string)
+                .map(|&i| nexthop_id(i).to_string())
                 .collect::<Vec<_>>()
                 .join("/");
+            let group_id = group_id.to_string();
             self.router.ip(&[
                 "nexthop",
                 "replace",
                 "id",
-                "100",
+                &group_id,
                 "group",
                 &group,
                 "type",
@@ -240,15 +387,21 @@ impl Fleet {
                 "idle_timer",
                 "0",
             ])?;
-            self.router.ip(&["route", "replace", &vip, "nhid", "100"])?;
+            self.router
+                .ip(&[family, "route", "replace", &vip, "nhid", &group_id])?;
         } else {
-            let mut args = vec!["route".to_owned(), "replace".to_owned(), vip];
+            let mut args = vec![
+                family.to_owned(),
+                "route".to_owned(),
+                "replace".to_owned(),
+                vip,
+            ];
             for &i in muxes {
                 args.extend(
                     [
                         "nexthop",
                         "via",
-                        &Self::mux_address(i).to_string(),
+                        &via(i),
                         "dev",
                         &format!("r-m{i}"),
                         "weight",
@@ -263,14 +416,48 @@ impl Fleet {
         Ok(())
     }
 
-    /// Adds the VIP to `lo` of every backend (direct server return: backends answer from it).
+    /// Adds the VIP to `lo` of every backend (direct server return: backends answer from it),
+    /// and with [`FleetPlan::ipv6`] [`VIP6`](Self::VIP6)/128 as well.
     pub fn add_backend_vips(&self) -> io::Result<()> {
         let vip = format!("{}/32", Self::VIP);
+        let vip6 = format!("{}/128", Self::VIP6);
         for be in &self.backends {
             be.ip(&["addr", "add", &vip, "dev", "lo"])?;
+            if self.plan.ipv6 {
+                be.ip(&["-6", "addr", "add", &vip6, "dev", "lo", "nodad"])?;
+            }
         }
         Ok(())
     }
+
+    /// Every VIP of the fleet: [`VIP`](Self::VIP), and [`VIP6`](Self::VIP6) when dual stack.
+    pub fn vips(&self) -> Vec<IpAddr> {
+        let mut v = vec![IpAddr::V4(Self::VIP)];
+        if self.plan.ipv6 {
+            v.push(IpAddr::V6(Self::VIP6));
+        }
+        v
+    }
+}
+
+// Nexthop ids never collide: IPv4 nexthops 1..=9, IPv6 ones NEXTHOP6_BASE + 1..=9, the groups.
+const _: () = assert!(
+    Fleet::NEXTHOP6_BASE >= Fleet::MAX_MUXES as u32
+        && Fleet::NEXTHOP6_BASE + (Fleet::MAX_MUXES as u32) < Fleet::NEXTHOP_GROUP
+        && Fleet::NEXTHOP_GROUP6 > Fleet::NEXTHOP_GROUP
+);
+
+/// Adds `addr`/64 to `ifname` in `ns`, usable at once (no duplicate address detection).
+fn add_v6(ns: &Namespace, ifname: &str, addr: Ipv6Addr) -> io::Result<()> {
+    let cidr = format!("{addr}/64");
+    ns.ip(&["-6", "addr", "add", &cidr, "dev", ifname, "nodad"])?;
+    Ok(())
+}
+
+/// 2001:2:0:`subnet`::`host`, the subnet written with the digits of the IPv4 third octet.
+fn v6(subnet: u8, host: u16) -> Ipv6Addr {
+    let digits = u16::from_str_radix(&subnet.to_string(), 16).expect("decimal digits are hex");
+    Ipv6Addr::new(0x2001, 2, 0, digits, 0, 0, 0, host)
 }
 
 /// Third octet `base + n` for host `n` in 1..=max.
@@ -301,6 +488,42 @@ mod tests {
                 assert_eq!(a.octets()[..2], [198, 18]);
                 assert_ne!(a, Fleet::VIP);
             }
+        }
+    }
+
+    #[test]
+    fn ipv6_addressing_mirrors_the_ipv4_plan() {
+        assert_eq!(
+            Fleet::mux_address_v6(1),
+            "2001:2:0:11::2".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            Fleet::router_mux_side_v6(9),
+            "2001:2:0:19::1".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            Fleet::backend_address_v6(2),
+            "2001:2:0:22::2".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            Fleet::router_backend_side_v6(9),
+            "2001:2:0:29::1".parse::<Ipv6Addr>().unwrap()
+        );
+        // 2001:2::/48: the first three groups.
+        let in_range = |a: Ipv6Addr| a.segments()[..3] == [0x2001, 2, 0];
+        for i in 1..=9 {
+            for a in [
+                Fleet::mux_address_v6(i),
+                Fleet::router_mux_side_v6(i),
+                Fleet::backend_address_v6(i),
+                Fleet::router_backend_side_v6(i),
+            ] {
+                assert!(in_range(a), "{a}");
+                assert_ne!(a, Fleet::VIP6);
+            }
+        }
+        for a in [Fleet::VIP6, Fleet::CLIENT6, Fleet::ROUTER_CLIENT_SIDE6] {
+            assert!(in_range(a), "{a}");
         }
     }
 

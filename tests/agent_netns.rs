@@ -193,6 +193,7 @@ fn real_tcp_through_two_muxes_with_direct_server_return() {
             muxes: 2,
             backends: 2,
             resilient: false,
+            ipv6: false,
         },
     )
     .unwrap();

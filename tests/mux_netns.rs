@@ -204,6 +204,7 @@ fn every_flow_reaches_the_same_backend_through_either_mux_in_both_encaps() {
             muxes: 2,
             backends: 2,
             resilient: false,
+            ipv6: false,
         },
     )
     .unwrap();
@@ -373,6 +374,7 @@ fn a_hundred_reloads_under_load_lose_and_reorder_nothing() {
             muxes: 1,
             backends: 2,
             resilient: false,
+            ipv6: false,
         },
     )
     .unwrap();
@@ -476,6 +478,7 @@ fn bad_frames_on_the_wire_are_counted_and_dropped() {
             muxes: 1,
             backends: 1,
             resilient: false,
+            ipv6: false,
         },
     )
     .unwrap();

@@ -70,6 +70,7 @@ fn fleet_forwards_client_to_backend_through_the_router() {
             muxes: 2,
             backends: 2,
             resilient: false,
+            ipv6: false,
         },
     );
     // The settings the lab's facts require.
@@ -176,6 +177,7 @@ fn resilient_group_sends_everything_to_the_remaining_mux() {
             muxes: 2,
             backends: 1,
             resilient: true,
+            ipv6: false,
         },
     );
     let group = fleet.router.ip(&["nexthop", "show", "id", "100"]).unwrap();
@@ -258,6 +260,7 @@ fn encap_capture_decodes_what_a_mux_sends() {
             muxes: 2,
             backends: 2,
             resilient: false,
+            ipv6: false,
         },
     );
     let mux = Fleet::mux_address(1);
