@@ -153,36 +153,6 @@ fn http_get(client: &Namespace, port: u16) -> Result<String, String> {
         .unwrap()
 }
 
-/// tcpdump in `ns` on `interface`, counting packets with the VIP as source.
-fn capture(lab: &mut Lab, ns: &Namespace, interface: &str) -> u32 {
-    lab.spawn(
-        ns,
-        Command::new("tcpdump").args([
-            "-n",
-            "-p",
-            "-i",
-            interface,
-            "-w",
-            "/dev/null",
-            "src",
-            "host",
-            &Fleet::VIP.to_string(),
-        ]),
-    )
-    .unwrap()
-}
-
-fn captured(lab: &mut Lab, pid: u32) -> u64 {
-    lab.signal(pid, libc::SIGINT).unwrap();
-    lab.wait(pid, Duration::from_secs(10))
-        .expect("tcpdump stops");
-    let log = lab.log(pid);
-    log.lines()
-        .find_map(|l| l.strip_suffix(" packets captured"))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no tcpdump summary: {log}"))
-}
-
 #[test]
 fn real_tcp_through_two_muxes_with_direct_server_return() {
     require_root("agent_netns::real_tcp_through_two_muxes_with_direct_server_return");
@@ -242,9 +212,21 @@ fn real_tcp_through_two_muxes_with_direct_server_return() {
         }
     }
     let on_mux_links: Vec<u32> = (1..=2)
-        .map(|i| capture(&mut lab, &fleet.router, &format!("r-m{i}")))
+        .map(|i| {
+            common::capture(
+                &mut lab,
+                &fleet.router,
+                &format!("r-m{i}"),
+                &format!("src host {}", Fleet::VIP),
+            )
+        })
         .collect();
-    let on_client_link = capture(&mut lab, &fleet.router, "r-c");
+    let on_client_link = common::capture(
+        &mut lab,
+        &fleet.router,
+        "r-c",
+        &format!("src host {}", Fleet::VIP),
+    );
     std::thread::sleep(Duration::from_millis(500));
 
     let mut answers: BTreeMap<(u16, String), u32> = BTreeMap::new();
@@ -276,9 +258,9 @@ fn real_tcp_through_two_muxes_with_direct_server_return() {
     }
     let through_muxes: u64 = on_mux_links
         .into_iter()
-        .map(|p| captured(&mut lab, p))
+        .map(|p| common::captured(&mut lab, p))
         .sum();
-    let to_client = captured(&mut lab, on_client_link);
+    let to_client = common::captured(&mut lab, on_client_link);
     assert_eq!(through_muxes, 0, "a reply crossed a mux link");
     assert!(
         to_client > 60,

@@ -10,6 +10,8 @@
 //!
 //! Every test needs root and fails with `require_root`'s message otherwise.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
@@ -192,51 +194,6 @@ fn http_get(client: &Namespace, to: SocketAddr) -> Result<String, String> {
         .unwrap()
 }
 
-/// tcpdump in `ns` on `interface` with a capture `filter`; returns once it listens.
-fn capture(lab: &mut Lab, ns: &Namespace, interface: &str, filter: &str) -> u32 {
-    // Immediate mode: packets are handed over one by one, not in ring blocks that a stop
-    // may leave unread.
-    let mut args = vec![
-        "-n",
-        "-p",
-        "--immediate-mode",
-        "-i",
-        interface,
-        "-w",
-        "/dev/null",
-    ];
-    args.extend(filter.split(' '));
-    let pid = lab.spawn(ns, Command::new("tcpdump").args(&args)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !lab.log(pid).contains("listening on") {
-        assert!(
-            Instant::now() < deadline && lab.wait(pid, Duration::ZERO).is_none(),
-            "tcpdump on {interface} ({filter}) did not start: {}",
-            lab.log(pid)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    pid
-}
-
-/// Stops a [`capture`] and returns how many packets matched its filter: the kernel's count
-/// ("received by filter"), which includes packets tcpdump had not read yet when stopped (its
-/// "captured" count misses those, so a "none" check on it could pass wrongly).
-fn captured(lab: &mut Lab, pid: u32) -> u64 {
-    lab.signal(pid, libc::SIGINT).unwrap();
-    lab.wait(pid, Duration::from_secs(10))
-        .expect("tcpdump stops");
-    let log = lab.log(pid);
-    let count = |suffix: &str| -> u64 {
-        log.lines()
-            .find_map(|l| l.strip_suffix(suffix))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no tcpdump summary: {log}"))
-    };
-    assert_eq!(count(" packets dropped by kernel"), 0, "{log}");
-    count(" packets received by filter").max(count(" packets captured"))
-}
-
 fn status(socket: &Path) -> Value {
     request(socket, &json!({"command": "status"})).unwrap()
 }
@@ -366,13 +323,14 @@ fn scenario(
     }
     let from_vips = format!("src host {} or src host {}", Fleet::VIP, Fleet::VIP6);
     let on_mux_links: Vec<u32> = (1..=2)
-        .map(|i| capture(&mut lab, &fleet.router, &format!("r-m{i}"), &from_vips))
+        .map(|i| common::capture(&mut lab, &fleet.router, &format!("r-m{i}"), &from_vips))
         .collect();
-    let on_client_link = capture(&mut lab, &fleet.router, "r-c", &from_vips);
+    let on_client_link = common::capture(&mut lab, &fleet.router, "r-c", &from_vips);
     let on_backend_links: Vec<(&str, bool, [u32; 2])> = wire
         .iter()
         .map(|&(filter, expected)| {
-            let pids = [1, 2].map(|j| capture(&mut lab, &fleet.router, &format!("r-b{j}"), filter));
+            let pids = [1, 2]
+                .map(|j| common::capture(&mut lab, &fleet.router, &format!("r-b{j}"), filter));
             (filter, expected, pids)
         })
         .collect();
@@ -410,9 +368,9 @@ fn scenario(
     }
     let through_muxes: u64 = on_mux_links
         .into_iter()
-        .map(|p| captured(&mut lab, p))
+        .map(|p| common::captured(&mut lab, p))
         .sum();
-    let to_client = captured(&mut lab, on_client_link);
+    let to_client = common::captured(&mut lab, on_client_link);
     assert_eq!(through_muxes, 0, "a reply crossed a mux link");
     let requests = (services.len() * REQUESTS) as u64;
     assert!(
@@ -420,7 +378,10 @@ fn scenario(
         "replies reach the client directly: {to_client} packets for {requests} requests"
     );
     for (filter, expected, pids) in on_backend_links {
-        let n: u64 = pids.into_iter().map(|p| captured(&mut lab, p)).sum();
+        let n: u64 = pids
+            .into_iter()
+            .map(|p| common::captured(&mut lab, p))
+            .sum();
         if expected {
             // A request is at least 15 tunnel packets (SYN, 14 full segments, ACKs, FIN).
             let least = 10 * REQUESTS as u64;

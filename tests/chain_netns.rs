@@ -101,6 +101,7 @@ fn scenario(chain_window_seconds: u32) -> (usize, usize) {
             muxes: 2,
             backends: 3,
             resilient: false,
+            ipv6: false,
         },
     )
     .unwrap();

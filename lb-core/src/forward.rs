@@ -363,7 +363,9 @@ fn decide_parsed(
                 Some(v) => (flow, v, true),
                 None => {
                     return match snapshot.snat_owner(flow.dst(), flow.dst_port()) {
-                        Some((to, tunnel)) => snat_return(&parsed, snapshot, to, tunnel, state, now, out),
+                        Some((to, tunnel)) => {
+                            snat_return(&parsed, snapshot, to, tunnel, state, now, out)
+                        }
                         None => unmatched(),
                     };
                 }

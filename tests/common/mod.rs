@@ -21,7 +21,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use etherparse::{Ipv4Slice, NetSlice, SlicedPacket, TransportSlice};
-use lb::netns::Namespace;
+use std::process::Command;
+
+use lb::netns::{Lab, Namespace};
 
 /// The outer protocols [`EncapCapture`] listens to: IP-in-IP, GRE, IPv6-in-IPv4.
 pub const ENCAP_PROTOCOLS: [u8; 3] = [4, 47, 41];
@@ -232,7 +234,21 @@ fn raw_socket(protocol: i32) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` is a freshly opened descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // A large receive buffer: a capture thread starved by a busy machine must not lose
+    // packets (that would read as the load balancer's loss).
+    let size: libc::c_int = 16 << 20;
+    // SAFETY: setsockopt reads `size` (a c_int of the given length) during the call.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const size).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    Ok(fd)
 }
 
 /// Captures encapsulated packets arriving in a namespace, on raw sockets for protocols 4, 47
@@ -488,4 +504,49 @@ impl UdpSink {
             .expect("UdpSink thread")
             .expect("UdpSink receive")
     }
+}
+
+/// tcpdump in `ns` on `interface` with a capture `filter`; returns once it listens.
+pub fn capture(lab: &mut Lab, ns: &Namespace, interface: &str, filter: &str) -> u32 {
+    // Immediate mode: packets are handed over one by one, not in ring blocks that a stop
+    // may leave unread.
+    let mut args = vec![
+        "-n",
+        "-p",
+        "--immediate-mode",
+        "-i",
+        interface,
+        "-w",
+        "/dev/null",
+    ];
+    args.extend(filter.split(' '));
+    let pid = lab.spawn(ns, Command::new("tcpdump").args(&args)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lab.log(pid).contains("listening on") {
+        assert!(
+            Instant::now() < deadline && lab.wait(pid, Duration::ZERO).is_none(),
+            "tcpdump on {interface} ({filter}) did not start: {}",
+            lab.log(pid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pid
+}
+
+/// Stops a [`capture`] and returns how many packets matched its filter: the kernel's count
+/// ("received by filter"), which includes packets tcpdump had not read yet when stopped (its
+/// "captured" count misses those, so a "none" check on it could pass wrongly).
+pub fn captured(lab: &mut Lab, pid: u32) -> u64 {
+    lab.signal(pid, libc::SIGINT).unwrap();
+    lab.wait(pid, Duration::from_secs(10))
+        .expect("tcpdump stops");
+    let log = lab.log(pid);
+    let count = |suffix: &str| -> u64 {
+        log.lines()
+            .find_map(|l| l.strip_suffix(suffix))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no tcpdump summary: {log}"))
+    };
+    assert_eq!(count(" packets dropped by kernel"), 0, "{log}");
+    count(" packets received by filter").max(count(" packets captured"))
 }
