@@ -62,6 +62,12 @@ pub struct AgentConfig {
     /// chained on to the previous backend (Beamer daisy chaining); 0 turns chaining off.
     #[serde(default = "default_chain_window")]
     pub chain_window_seconds: u32,
+    /// Egress SNAT: destinations ("the Internet") whose connections from this host's own
+    /// address leave with a VIP as source. The agent steers them into its TUN by policy
+    /// routing (`ip rule from <address> to <prefix> lookup 4242`, a default route into the TUN
+    /// in table 4242). Empty: no egress SNAT from this host.
+    #[serde(default)]
+    pub egress: Vec<ipnet::IpNet>,
 }
 
 /// Settings of the node running `lb`: where it sends from and how it treats traffic.

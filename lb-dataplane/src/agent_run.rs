@@ -33,6 +33,7 @@ use crate::sockdiag::SockDiag;
 use crate::socket::{ControlHandler, ControlSocket};
 use crate::tun::Tun;
 use crate::worker::{BATCH_FRAMES, POLL_TIMEOUT, REPORT_INTERVAL};
+use lb_core::snat::{PortRanges, SnatError, SnatTable, SnatTableConfig};
 
 /// Command-line overrides of `lb agent`.
 #[derive(Clone, Debug, Default)]
@@ -68,6 +69,19 @@ pub struct AgentCounters {
     pub chain_send_failed: u64,
     /// sock_diag queries made.
     pub connection_lookups: u64,
+    /// Egress SNAT: outbound packets translated to a VIP source and sent.
+    pub snat_outbound: u64,
+    /// Egress SNAT: new port mappings.
+    pub snat_new_mappings: u64,
+    /// Egress SNAT: outbound packets refused (no port left, not TCP/UDP, malformed).
+    pub snat_outbound_failed: u64,
+    /// Of those, refused because this host's port ranges were exhausted.
+    pub snat_exhausted: u64,
+    /// Egress SNAT: return packets translated back and delivered.
+    pub snat_inbound: u64,
+    /// Egress SNAT: return packets to one of this host's ports with no mapping (expired, or
+    /// never made): dropped.
+    pub snat_inbound_misses: u64,
 }
 
 struct Shared {
@@ -78,6 +92,12 @@ struct Shared {
     counters: Mutex<AgentCounters>,
     heartbeat: Mutex<Option<Instant>>,
     shutdown: AtomicBool,
+    /// Egress SNAT tables, one per SNAT address this host takes part in. Locked by the receive
+    /// loop (return traffic) and the TUN reader (outbound), per packet: the agent's one lock,
+    /// uncontended unless both directions are busy at once.
+    snat: Mutex<Vec<SnatTable>>,
+    /// Outbound SNAT counters, kept by the TUN reader.
+    snat_outbound: Mutex<AgentCounters>,
 }
 
 impl ControlHandler for Shared {
@@ -97,8 +117,22 @@ impl ControlHandler for Shared {
 }
 
 impl Shared {
+    /// The receive loop's counters with the TUN reader's outbound SNAT ones.
+    fn counters(&self) -> AgentCounters {
+        let mut c = *self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        let o = *self
+            .snat_outbound
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        c.snat_outbound = o.snat_outbound;
+        c.snat_new_mappings = o.snat_new_mappings;
+        c.snat_outbound_failed = o.snat_outbound_failed;
+        c.snat_exhausted = o.snat_exhausted;
+        c
+    }
+
     fn status(&self) -> Value {
-        let c = *self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        let c = self.counters();
         let last_seen = self
             .heartbeat
             .lock()
@@ -130,7 +164,22 @@ impl Shared {
                 "tun_errors": c.tun_errors,
                 "chain_send_failed": c.chain_send_failed,
                 "connection_lookups": c.connection_lookups,
+                "snat_outbound": c.snat_outbound,
+                "snat_new_mappings": c.snat_new_mappings,
+                "snat_outbound_failed": c.snat_outbound_failed,
+                "snat_exhausted": c.snat_exhausted,
+                "snat_inbound": c.snat_inbound,
+                "snat_inbound_misses": c.snat_inbound_misses,
             },
+            "snat": self.snat.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|t| {
+                let k = t.counters();
+                json!({
+                    "address": t.snat_address(),
+                    "ranges": t.ranges().map(|r| format!("{}-{}", r.start(), r.end())).collect::<Vec<_>>(),
+                    "active_mappings": k.active_mappings,
+                    "ports_in_use": k.ports_in_use,
+                })
+            }).collect::<Vec<_>>(),
         })
     }
 }
@@ -221,7 +270,19 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
         counters: Mutex::new(AgentCounters::default()),
         heartbeat: Mutex::new(None),
         shutdown: AtomicBool::new(false),
+        snat: Mutex::new(snat_tables(&config, &policy)),
+        snat_outbound: Mutex::new(AgentCounters::default()),
     });
+    let tun = Arc::new(tun);
+    let egress = EgressRoutes::install(&config, &shared, tun.name())?;
+    let tun_reader = {
+        let shared = Arc::clone(&shared);
+        let tun = Arc::clone(&tun);
+        thread::Builder::new()
+            .name("lb-snat-out".into())
+            .spawn(move || snat_outbound_loop(&shared, &tun))
+            .map_err(|e| e.to_string())?
+    };
     let socket_path = options
         .control_socket
         .clone()
@@ -270,6 +331,7 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
     let mut local = AgentCounters::default();
     let mut known_connections: HashMap<(SocketAddr, SocketAddr), Instant> = HashMap::new();
     let mut out = vec![0u8; 65_535 + 48];
+    let mut scratch = vec![0u8; 65_535];
     let mut last_report = Instant::now();
     while !shared.stopping() {
         let received = rx.receive(BATCH_FRAMES, POLL_TIMEOUT, &mut |frame| {
@@ -302,7 +364,18 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
                         Verdict::DeliverChained(_) => local.delivered_chained += 1,
                         _ => {}
                     }
-                    match tun.write_packet(inner) {
+                    let written = match snat_inbound(&shared, inner, &mut scratch) {
+                        SnatInbound::NotSnat => tun.write_packet(inner),
+                        SnatInbound::Translated(len) => {
+                            local.snat_inbound += 1;
+                            tun.write_packet(&scratch[..len])
+                        }
+                        SnatInbound::NoMapping => {
+                            local.snat_inbound_misses += 1;
+                            return;
+                        }
+                    };
+                    match written {
                         Ok(()) => local.delivered += 1,
                         Err(_) => local.tun_errors += 1,
                     }
@@ -355,9 +428,278 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
         .counters
         .lock()
         .unwrap_or_else(PoisonError::into_inner) = local;
+    let _ = tun_reader.join();
+    drop(egress);
     drop(socket);
     tracing::info!("lb agent stopped");
     Ok(())
+}
+
+/// The SNAT tables of the SNAT addresses this host is a backend of, with its port ranges.
+fn snat_tables(config: &Config, policy: &Policy) -> Vec<SnatTable> {
+    config
+        .snats
+        .iter()
+        .filter_map(|c| {
+            let backends = config.snat_backends(c.address);
+            let me = policy
+                .addresses()
+                .iter()
+                .copied()
+                .find(|a| backends.contains(a))?;
+            let ranges = PortRanges::build(c, &backends).ranges_of(me);
+            tracing::info!(address = %c.address, ranges = ranges.len(), "egress SNAT port ranges");
+            Some(SnatTable::new(
+                c.address,
+                ranges,
+                SnatTableConfig::from_config(c, SNAT_CAPACITY),
+            ))
+        })
+        .collect()
+}
+
+/// Mappings per SNAT address.
+const SNAT_CAPACITY: usize = 65_536;
+/// The routing table egress traffic is steered into the TUN by.
+pub const EGRESS_TABLE: &str = "4242";
+/// The priority of the agent's policy-routing rules.
+const EGRESS_PRIORITY: &str = "4242";
+
+/// The policy routing that steers this host's egress connections into the TUN: for each
+/// `agent.egress` prefix, `ip rule add from <address> to <prefix> lookup 4242`, and a default
+/// route into the TUN in table 4242. Removed when dropped.
+///
+/// Why policy routing: only connections *from the host's own address* to the listed
+/// destinations are steered, so the server's direct-server-return replies (source = VIP), the
+/// agent's own chained packets and the health checks to the host's address are untouched.
+///
+/// Limitation: a rule with `from` matches only once the source address is chosen. TCP
+/// connections and connected UDP sockets choose it before the final route lookup and are
+/// steered; an unconnected, unbound UDP socket's `sendto` is routed with no source yet and
+/// leaves from the host's own address, un-translated. Where that matters, mark such traffic in
+/// nftables' `type route hook output` chain (which routes again after the mark) instead.
+/// The default routes in table 4242 go with the TUN (it is not persistent: it disappears when
+/// the agent exits, and its routes with it).
+struct EgressRoutes {
+    rules: Vec<Vec<String>>,
+}
+
+fn ip(args: &[String]) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl EgressRoutes {
+    fn install(config: &Config, shared: &Shared, tun: &str) -> Result<Self, String> {
+        let mut routes = Self { rules: Vec::new() };
+        let egress = config
+            .agent
+            .as_ref()
+            .map_or(&[][..], |a| a.egress.as_slice());
+        if egress.is_empty() {
+            return Ok(routes);
+        }
+        if shared
+            .snat
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+        {
+            return Err(
+                "agent.egress is set, but this host is a backend of no [[snat]] address".into(),
+            );
+        }
+        for family in ["-4", "-6"] {
+            let has = egress
+                .iter()
+                .any(|p| (family == "-4") == p.addr().is_ipv4());
+            if !has {
+                continue;
+            }
+            let route: Vec<String> = [
+                family,
+                "route",
+                "replace",
+                "default",
+                "dev",
+                tun,
+                "table",
+                EGRESS_TABLE,
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            ip(&route)?;
+        }
+        for prefix in egress {
+            for address in &shared.addresses {
+                if address.is_ipv4() != prefix.addr().is_ipv4() {
+                    continue;
+                }
+                let rule: Vec<String> = [
+                    "rule".to_owned(),
+                    "add".to_owned(),
+                    "from".to_owned(),
+                    address.to_string(),
+                    "to".to_owned(),
+                    prefix.to_string(),
+                    "lookup".to_owned(),
+                    EGRESS_TABLE.to_owned(),
+                    "priority".to_owned(),
+                    EGRESS_PRIORITY.to_owned(),
+                ]
+                .to_vec();
+                let mut add = vec![if prefix.addr().is_ipv4() { "-4" } else { "-6" }.to_owned()];
+                add.extend(rule);
+                ip(&add)?;
+                routes.rules.push(add);
+            }
+        }
+        tracing::info!(rules = routes.rules.len(), "egress SNAT steering installed");
+        Ok(routes)
+    }
+}
+
+impl Drop for EgressRoutes {
+    fn drop(&mut self) {
+        for rule in &self.rules {
+            let mut del = rule.clone();
+            if let Some(verb) = del.iter_mut().find(|a| *a == "add") {
+                *verb = "del".to_owned();
+            }
+            let _ = ip(&del);
+        }
+    }
+}
+
+/// What [`snat_inbound`] did with a delivered packet.
+enum SnatInbound {
+    /// Not return traffic of an egress connection: deliver as it is.
+    NotSnat,
+    /// Translated into the scratch buffer (this many bytes): deliver that.
+    Translated(usize),
+    /// To one of this host's SNAT ports, but no mapping: drop.
+    NoMapping,
+}
+
+fn snat_inbound(shared: &Shared, inner: &[u8], scratch: &mut [u8]) -> SnatInbound {
+    let Some((dst, port)) = transport_destination(inner) else {
+        return SnatInbound::NotSnat;
+    };
+    let mut tables = shared.snat.lock().unwrap_or_else(PoisonError::into_inner);
+    let Some(table) = tables
+        .iter_mut()
+        .find(|t| t.snat_address() == dst && t.is_mine(port))
+    else {
+        return SnatInbound::NotSnat;
+    };
+    let Some(buf) = scratch.get_mut(..inner.len()) else {
+        return SnatInbound::NoMapping;
+    };
+    buf.copy_from_slice(inner);
+    match table.translate_inbound(buf, crate::worker::monotonic_ns()) {
+        Ok(_) => SnatInbound::Translated(inner.len()),
+        Err(_) => SnatInbound::NoMapping,
+    }
+}
+
+/// The destination address and TCP/UDP port of an unfragmented IP packet.
+fn transport_destination(packet: &[u8]) -> Option<(IpAddr, u16)> {
+    let parsed = packet::parse(packet, packet::Link::Ip).ok()?;
+    match parsed.kind {
+        packet::Kind::Transport { flow, .. } => Some((flow.dst(), flow.dst_port())),
+        _ => None,
+    }
+}
+
+/// Reads what the kernel routes into the TUN (egress connections of this host), translates the
+/// source to a VIP and a port of this host's ranges, and sends it.
+fn snat_outbound_loop(shared: &Shared, tun: &Tun) {
+    let Ok(mut tx) = RawIpTransmitter::open(BATCH_FRAMES) else {
+        tracing::error!("egress SNAT: cannot open raw sockets; egress connections will fail");
+        return;
+    };
+    let mut counters = AgentCounters::default();
+    let mut buf = vec![0u8; 65_535];
+    let mut last_expire = Instant::now();
+    while !shared.stopping() {
+        let len = match tun.read_packet(&mut buf, POLL_TIMEOUT) {
+            Ok(Some(len)) => len,
+            Ok(None) => 0,
+            Err(e) => {
+                tracing::warn!(error = %e, "TUN read failed");
+                thread::sleep(POLL_TIMEOUT);
+                0
+            }
+        };
+        if len > 0
+            && let Some(packet) = buf.get_mut(..len)
+        {
+            let now = crate::worker::monotonic_ns();
+            let version_v4 = packet.first().is_some_and(|b| b >> 4 == 4);
+            let mut tables = shared.snat.lock().unwrap_or_else(PoisonError::into_inner);
+            let result = tables
+                .iter_mut()
+                .find(|t| t.snat_address().is_ipv4() == version_v4)
+                .map(|t| t.translate_outbound(packet, now));
+            drop(tables);
+            match result {
+                Some(Ok(t)) => {
+                    if t.new_mapping {
+                        counters.snat_new_mappings += 1;
+                    }
+                    let to = t.remote.ip();
+                    if tx.queue(packet, to).is_ok() && tx.flush().is_ok_and(|r| r.failed == 0) {
+                        counters.snat_outbound += 1;
+                    } else {
+                        counters.snat_outbound_failed += 1;
+                    }
+                }
+                Some(Err(SnatError::Exhausted)) => {
+                    counters.snat_outbound_failed += 1;
+                    counters.snat_exhausted += 1;
+                    if counters.snat_exhausted.is_power_of_two() {
+                        tracing::warn!(
+                            count = counters.snat_exhausted,
+                            "egress SNAT: this host's port ranges are exhausted; new connections fail"
+                        );
+                    }
+                }
+                // Not TCP/UDP, the other family, link-local chatter on the TUN: not ours.
+                Some(Err(_)) | None => counters.snat_outbound_failed += 1,
+            }
+        }
+        if last_expire.elapsed() >= REPORT_INTERVAL {
+            let now = crate::worker::monotonic_ns();
+            for t in shared
+                .snat
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter_mut()
+            {
+                t.expire(now, 1024);
+            }
+            *shared
+                .snat_outbound
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = counters;
+            last_expire = Instant::now();
+        }
+    }
+    *shared
+        .snat_outbound
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = counters;
 }
 
 fn export(shared: &Shared) {
@@ -377,4 +719,27 @@ fn export(shared: &Shared) {
     counter!("lb_agent_tun_errors_total").absolute(c.tun_errors);
     counter!("lb_agent_chain_send_failed_total").absolute(c.chain_send_failed);
     counter!("lb_agent_connection_lookups_total").absolute(c.connection_lookups);
+    counter!("lb_agent_snat_translations_total", "direction" => "outbound")
+        .absolute(c.snat_outbound);
+    counter!("lb_agent_snat_translations_total", "direction" => "inbound").absolute(c.snat_inbound);
+    counter!("lb_agent_snat_new_mappings_total").absolute(c.snat_new_mappings);
+    counter!("lb_agent_snat_outbound_failed_total").absolute(c.snat_outbound_failed);
+    counter!("lb_agent_snat_exhausted_total").absolute(c.snat_exhausted);
+    counter!("lb_agent_snat_inbound_misses_total").absolute(c.snat_inbound_misses);
+    for t in shared
+        .snat
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+    {
+        let k = t.counters();
+        let address = t.snat_address().to_string();
+        metrics::gauge!("lb_agent_snat_ports_in_use", "address" => address.clone())
+            .set(k.ports_in_use as f64);
+        let ports: u64 = t
+            .ranges()
+            .map(|r| u64::from(*r.end() - *r.start()) + 1)
+            .sum();
+        metrics::gauge!("lb_agent_snat_ports", "address" => address).set(ports as f64);
+    }
 }

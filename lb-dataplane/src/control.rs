@@ -512,6 +512,7 @@ impl ControlPlane {
                 "frames": totals.counters.packets,
                 "encapsulated": totals.counters.encapsulated,
                 "passed": totals.counters.passed,
+                "snat_returned": totals.counters.snat_returned,
                 "icmp_too_big_sent": totals.counters.icmp_too_big_sent,
                 "sent": totals.sent,
                 "send_failed": totals.send_failed,
@@ -603,6 +604,7 @@ impl Totals {
         c.packets += r.counters.packets;
         c.encapsulated += r.counters.encapsulated;
         c.passed += r.counters.passed;
+        c.snat_returned += r.counters.snat_returned;
         c.icmp_too_big_sent += r.counters.icmp_too_big_sent;
         for (sum, d) in c.drops.iter_mut().zip(r.counters.drops) {
             *sum += d;
