@@ -106,10 +106,11 @@ fn check_config_names_file_field_and_reason_for_every_problem() {
             "{path}: vip[0].backend[1].address: backend 2001:db8::22 is IPv6 but node.address_v6 is not set"
         ),
         format!("{path}: vip[2]: duplicate VIP: 198.18.100.1 tcp port all overlaps vip[0]"),
+        format!("{path}: snat[0]: ports 1024..=65535 include vip[2] (\"web-again\", tcp port all)"),
     ] {
         assert!(out.contains(&expected), "missing {expected:?} in:\n{out}");
     }
-    assert_eq!(out.lines().count(), 3, "{out}");
+    assert_eq!(out.lines().count(), 4, "{out}");
 
     let unknown = temp_config(
         &dir,
