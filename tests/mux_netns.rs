@@ -547,7 +547,9 @@ fn bad_frames_on_the_wire_are_counted_and_dropped() {
         "{after:#}"
     );
     // A protocol no VIP serves is not ours: passed to the host (node.unmatched = "pass").
-    assert_eq!(delta(&["counters", "passed"]), 100);
+    // The link's own chatter (ARP, IPv6 neighbour discovery) is passed too, so allow a little.
+    let passed = delta(&["counters", "passed"]);
+    assert!((100..110).contains(&passed), "passed {passed}");
     assert_eq!(after["counters"]["drops"]["internal"], 0);
     // And the node still forwards.
     let capture = EncapCapture::start(&fleet.backends[0]);
