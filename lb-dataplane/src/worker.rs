@@ -1,5 +1,5 @@
-//! The mux worker loop: receive a batch, decide each frame with [`lb_core::forward::process`],
-//! queue what is sent, flush the batch, repeat.
+//! The mux worker loop: receive a batch, copy its frames into the worker's batch arena, decide
+//! them together with [`lb_core::forward::process_batch`], queue what is sent, flush, repeat.
 //!
 //! Each worker owns its [`WorkerState`] (connection table, counters) and its devices; the only
 //! thing shared on the hot path is the read-only [`Snapshot`], loaded from the [`Shared`]
@@ -7,9 +7,24 @@
 //! worker, so it survives reloads; a flow whose backend left the table falls back to the table
 //! (`forward` checks that with the backend's tag).
 //!
+//! A received frame is valid only during its [`Receiver::receive`] callback, so the callback
+//! copies it into a slot of the worker's batch arena ([`FRAME_SLOT`] bytes each, [`BATCH_FRAMES`]
+//! slots); the arena is decided and queued when `receive` returns. A frame longer than a slot is
+//! decided alone with [`forward::process`] in the callback, right after the frames pending in
+//! the arena are decided and queued, so transmissions stay in arrival order.
+//!
 //! **Invariants.**
 //! - Per packet: no allocation, no lock, no syscall. Per batch: one snapshot load, one clock
-//!   read, one flush (at most one `sendmmsg` per address family), a `poll` when idle.
+//!   read, one flush (at most one `sendmmsg` per address family), a `poll` when idle. The arenas
+//!   are allocated once per worker; the per-batch slice views are arrays on the stack.
+//! - Transmissions are queued in arrival order (Encap to its backend, SNAT return to the port's
+//!   owner, ICMP reply to its client), whatever mix of arena and long frames a batch holds:
+//!   order within a flow is kept.
+//! - Every output buffer fits the largest output of its input: an arena output slot
+//!   ([`OUT_SLOT`]) holds a [`FRAME_SLOT`]-byte packet encapsulated with
+//!   [`lb_core::encap::MAX_OVERHEAD`] and the largest ICMP "too big" reply (1280 bytes), the
+//!   long-frame buffer a 64 KiB packet encapsulated. An undersized buffer would be an
+//!   `Action::Drop(Internal)`; none can come from here (checked at compile time).
 //! - Every [`REPORT_INTERVAL`] the worker publishes a [`WorkerReport`] with `try_lock`: it never
 //!   waits for a reader; if the report is busy it publishes next time.
 //! - On shutdown the worker finishes its batch, flushes, publishes a last report and returns.
@@ -24,7 +39,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use lb_core::conntrack::{ConnCounters, ConnTable, ConnTableConfig, Occupancy};
+use lb_core::encap::MAX_OVERHEAD;
 use lb_core::forward::{self, Action, Counters, WorkerState};
+use lb_core::packet::Link;
 use lb_core::snapshot::Snapshot;
 
 use crate::device::{Receiver, Transmitter, ip_destination};
@@ -35,8 +52,22 @@ pub const BATCH_FRAMES: usize = 64;
 pub const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 /// How often a worker publishes its [`WorkerReport`].
 pub const REPORT_INTERVAL: Duration = Duration::from_millis(100);
-/// Output buffer size: the largest IP packet plus the largest encapsulation overhead.
-const OUT_BUFFER: usize = 65_535 + 48;
+/// Output buffer size for a frame longer than [`FRAME_SLOT`]: the largest IP packet plus the
+/// largest encapsulation overhead.
+const OUT_BUFFER: usize = 65_535 + MAX_OVERHEAD;
+/// Bytes of a slot of the batch arena: frames up to this length are decided in batches.
+pub const FRAME_SLOT: usize = 2048;
+/// The largest ICMP "too big" reply `forward` writes: IPv6 packet too big, quoting up to 1280
+/// bytes in all (IPv4's "fragmentation needed" stops at 576).
+const ICMP_REPLY_MAX: usize = 1280;
+/// Bytes of an output slot of the batch arena: a [`FRAME_SLOT`] frame encapsulated, or a reply.
+pub const OUT_SLOT: usize = max(FRAME_SLOT + MAX_OVERHEAD, ICMP_REPLY_MAX);
+const _: () = assert!(OUT_SLOT >= FRAME_SLOT + MAX_OVERHEAD && OUT_SLOT >= ICMP_REPLY_MAX);
+const _: () = assert!(OUT_BUFFER >= FRAME_SLOT + MAX_OVERHEAD && OUT_BUFFER >= ICMP_REPLY_MAX);
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b { a } else { b }
+}
 
 /// What the workers share: the published snapshot and the shutdown flag.
 #[derive(Debug)]
@@ -208,6 +239,127 @@ impl TrafficBySlot {
     }
 }
 
+/// Where decided frames go: queued on the transmitter, counted per backend.
+struct Sink<'a> {
+    transmitter: &'a mut dyn Transmitter,
+    by_slot: &'a mut TrafficBySlot,
+    queue_errors: &'a mut u64,
+}
+
+impl Sink<'_> {
+    /// Queues what `action` sends: the first bytes of `out`, for a frame of `frame_len` bytes.
+    #[inline]
+    fn send(&mut self, action: Action, frame_len: usize, out: &[u8]) {
+        match action {
+            Action::Encap {
+                vip,
+                backend,
+                to,
+                len,
+            } => {
+                self.by_slot.count(vip, backend, frame_len);
+                if let Some(packet) = out.get(..len)
+                    && self.transmitter.queue(packet, to).is_err()
+                {
+                    *self.queue_errors += 1;
+                }
+            }
+            Action::SnatReturn { to, len } => {
+                if let Some(packet) = out.get(..len)
+                    && self.transmitter.queue(packet, to).is_err()
+                {
+                    *self.queue_errors += 1;
+                }
+            }
+            Action::IcmpReply { len } => {
+                if let Some(packet) = out.get(..len)
+                    && let Some(client) = ip_destination(packet)
+                    && self.transmitter.queue(packet, client).is_err()
+                {
+                    *self.queue_errors += 1;
+                }
+            }
+            // The kernel got its own copy of the frame (AF_PACKET taps, it does not steal):
+            // passing is doing nothing, and so is dropping.
+            Action::Pass | Action::Drop(_) => {}
+        }
+    }
+}
+
+/// The worker's batch arena: copies of the frames received and not yet decided, and the
+/// outputs of their decision. Allocated once; nothing is allocated per batch.
+struct Batch {
+    /// [`BATCH_FRAMES`] slots of [`FRAME_SLOT`] bytes.
+    frames: Box<[u8]>,
+    /// The length of the frame in each slot.
+    lens: [usize; BATCH_FRAMES],
+    /// Slots in use, from the first.
+    pending: usize,
+    /// [`BATCH_FRAMES`] slots of [`OUT_SLOT`] bytes.
+    outs: Box<[u8]>,
+    actions: [Action; BATCH_FRAMES],
+}
+
+impl Batch {
+    fn new() -> Self {
+        Self {
+            frames: vec![0u8; BATCH_FRAMES * FRAME_SLOT].into_boxed_slice(),
+            lens: [0; BATCH_FRAMES],
+            pending: 0,
+            outs: vec![0u8; BATCH_FRAMES * OUT_SLOT].into_boxed_slice(),
+            actions: [Action::Pass; BATCH_FRAMES],
+        }
+    }
+
+    /// Copies `frame` into the next slot; false if it is longer than a slot or all are taken.
+    #[inline]
+    fn push(&mut self, frame: &[u8]) -> bool {
+        if frame.len() > FRAME_SLOT || self.pending == BATCH_FRAMES {
+            return false;
+        }
+        let start = self.pending * FRAME_SLOT;
+        self.frames[start..start + frame.len()].copy_from_slice(frame);
+        self.lens[self.pending] = frame.len();
+        self.pending += 1;
+        true
+    }
+
+    /// Decides the pending frames with [`forward::process_batch`] and sends what they give, in
+    /// order; the arena is then empty.
+    fn decide(
+        &mut self,
+        link: Link,
+        snapshot: &Snapshot,
+        state: &mut WorkerState,
+        now: u64,
+        sink: &mut Sink<'_>,
+    ) {
+        let n = std::mem::take(&mut self.pending);
+        if n == 0 {
+            return;
+        }
+        let (frames, lens) = (&self.frames, &self.lens);
+        let views: [&[u8]; BATCH_FRAMES] =
+            std::array::from_fn(|i| &frames[i * FRAME_SLOT..][..lens[i]]);
+        let mut slots = self.outs.chunks_exact_mut(OUT_SLOT);
+        let mut outs: [&mut [u8]; BATCH_FRAMES] =
+            std::array::from_fn(|_| slots.next().unwrap_or_default());
+        let decided = forward::process_batch(
+            &views[..n],
+            link,
+            snapshot,
+            state,
+            now,
+            &mut outs[..n],
+            &mut self.actions[..n],
+        );
+        debug_assert_eq!(decided, n);
+        for ((&action, &len), out) in self.actions[..decided].iter().zip(lens).zip(&outs) {
+            sink.send(action, len, out);
+        }
+    }
+}
+
 fn run(
     id: usize,
     mut receiver: Box<dyn Receiver>,
@@ -218,6 +370,7 @@ fn run(
 ) {
     let link = receiver.link();
     let mut out = vec![0u8; OUT_BUFFER].into_boxed_slice();
+    let mut batch = Batch::new();
     let mut by_slot = TrafficBySlot::new(shared.snapshot.load_full());
     let mut local = WorkerReport::default();
     let mut pending_backends: HashMap<BackendKey, Traffic> = HashMap::new();
@@ -236,45 +389,29 @@ fn run(
         let snapshot = Arc::clone(&by_slot.snapshot);
         let now = monotonic_ns();
         let mut queue_errors = 0u64;
+        let mut sink = Sink {
+            transmitter: &mut *transmitter,
+            by_slot: &mut by_slot,
+            queue_errors: &mut queue_errors,
+        };
         let received = if stopping {
             Ok(0)
         } else {
             receiver.receive(BATCH_FRAMES, POLL_TIMEOUT, &mut |frame| {
-                match forward::process(frame, link, &snapshot, &mut state, now, &mut out) {
-                    Action::Encap {
-                        vip,
-                        backend,
-                        to,
-                        len,
-                    } => {
-                        by_slot.count(vip, backend, frame.len());
-                        if let Some(packet) = out.get(..len)
-                            && transmitter.queue(packet, to).is_err()
-                        {
-                            queue_errors += 1;
-                        }
-                    }
-                    Action::SnatReturn { to, len } => {
-                        if let Some(packet) = out.get(..len)
-                            && transmitter.queue(packet, to).is_err()
-                        {
-                            queue_errors += 1;
-                        }
-                    }
-                    Action::IcmpReply { len } => {
-                        if let Some(packet) = out.get(..len)
-                            && let Some(client) = ip_destination(packet)
-                            && transmitter.queue(packet, client).is_err()
-                        {
-                            queue_errors += 1;
-                        }
-                    }
-                    // The kernel got its own copy of the frame (AF_PACKET taps, it does not
-                    // steal): passing is doing nothing, and so is dropping.
-                    Action::Pass | Action::Drop(_) => {}
+                if batch.push(frame) {
+                    return;
                 }
+                // Too long for a slot (or, against the device's contract, one frame too many):
+                // what is pending goes first, then this frame alone.
+                batch.decide(link, &snapshot, &mut state, now, &mut sink);
+                if batch.push(frame) {
+                    return;
+                }
+                let action = forward::process(frame, link, &snapshot, &mut state, now, &mut out);
+                sink.send(action, frame.len(), &out);
             })
         };
+        batch.decide(link, &snapshot, &mut state, now, &mut sink);
         match received {
             Ok(n) if n > 0 => {
                 local.batches += 1;

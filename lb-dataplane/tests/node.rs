@@ -17,9 +17,9 @@ use serde_json::{Value, json};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 
-fn config_text(socket: &Path, backends: &[&str]) -> String {
+fn config_text(socket: &Path, backends: &[&str], mtu: u16) -> String {
     let mut s = format!(
-        "[node]\nname = \"mux-test\"\naddress_v4 = \"198.18.11.2\"\nmtu = 1600\ncontrol_socket = {socket:?}\n\n\
+        "[node]\nname = \"mux-test\"\naddress_v4 = \"198.18.11.2\"\nmtu = {mtu}\ncontrol_socket = {socket:?}\n\n\
          [[vip]]\nname = \"echo\"\naddress = \"{VIP}\"\nprotocol = \"udp\"\nport = 7\nencap = \"ipip\"\n"
     );
     for b in backends {
@@ -39,10 +39,14 @@ struct Node {
 
 impl Node {
     fn start(workers: usize, backends: &[&str]) -> Self {
+        Self::start_with_mtu(workers, backends, 1600)
+    }
+
+    fn start_with_mtu(workers: usize, backends: &[&str], mtu: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("mux.sock");
         let config = dir.path().join("mux.toml");
-        std::fs::write(&config, config_text(&socket, backends)).unwrap();
+        std::fs::write(&config, config_text(&socket, backends, mtu)).unwrap();
         let (plane, _) = ControlPlane::start(&config).unwrap();
         let mut devices: Vec<Devices> = Vec::new();
         let (mut injectors, mut collectors) = (Vec::new(), Vec::new());
@@ -114,10 +118,16 @@ impl Drop for Node {
 }
 
 fn udp(sport: u16, seq: u32) -> Vec<u8> {
+    udp_sized(sport, seq, 4)
+}
+
+/// A datagram of flow `sport` with `payload` bytes of payload, starting with `seq`.
+fn udp_sized(sport: u16, seq: u32, payload: usize) -> Vec<u8> {
     let b = PacketBuilder::ipv4([198, 18, 1, 2], VIP.octets(), 64).udp(sport, 7);
-    let payload = seq.to_be_bytes();
-    let mut out = Vec::with_capacity(b.size(payload.len()));
-    b.write(&mut out, &payload).unwrap();
+    let mut bytes = vec![0xa5; payload.max(4)];
+    bytes[..4].copy_from_slice(&seq.to_be_bytes());
+    let mut out = Vec::with_capacity(b.size(bytes.len()));
+    b.write(&mut out, &bytes).unwrap();
     out
 }
 
@@ -310,6 +320,106 @@ fn reload_drain_and_health_change_the_table_and_keep_what_they_should() {
     let status = node.ask(json!({"command": "status"}));
     assert_eq!(status["vips"][0]["backends"][0]["healthy"], false);
     node.stop();
+}
+
+#[test]
+fn long_and_short_frames_of_a_flow_keep_their_order() {
+    // Frames longer than a slot of the worker's batch arena (2048 bytes) are decided apart from
+    // the batch; they must still leave between the short frames around them.
+    let node = Node::start_with_mtu(1, &["198.18.21.2", "198.18.22.2"], 9000);
+    let pattern = [0, 1, 1, 0, 0, 1, 0, 1, 1, 1, 0, 0, 0, 1];
+    let (mut frames, mut bytes) = (0u64, 0u64);
+    for round in 0..20u32 {
+        for (i, &long) in pattern.iter().enumerate() {
+            let seq = round * 100 + u32::try_from(i).unwrap();
+            let frame = udp_sized(6000, seq, if long == 1 { 4000 } else { 4 });
+            bytes += frame.len() as u64;
+            frames += 1;
+            assert!(node.injectors[0].inject(&frame));
+        }
+    }
+    let want = usize::try_from(frames).unwrap();
+    let got = node.collect(want);
+    assert_eq!(got.len(), want);
+    let mut last = None;
+    let mut backends = std::collections::HashSet::new();
+    for s in &got {
+        let (to, sport, seq) = decode(s);
+        assert_eq!(sport, 6000);
+        backends.insert(to);
+        let long = pattern[usize::try_from(seq % 100).unwrap()] == 1;
+        assert_eq!(s.packet.len() > 2048, long, "frame {seq} kept its length");
+        assert!(last < Some(seq), "{seq} after {last:?}: reordered");
+        last = Some(seq);
+    }
+    assert_eq!(backends.len(), 1, "one flow, one backend");
+    let status = node.status_after(frames);
+    assert_eq!(status["counters"]["encapsulated"], frames, "{status:#}");
+    let backends = status["vips"][0]["backends"].as_array().unwrap();
+    let sum = |field: &str| -> u64 { backends.iter().map(|b| b[field].as_u64().unwrap()).sum() };
+    assert_eq!(sum("packets"), frames);
+    assert_eq!(sum("bytes"), bytes, "bytes of the frames as received");
+}
+
+/// `frame` with the IPv4 "don't fragment" flag set (and its header checksum updated).
+fn with_dont_fragment(mut frame: Vec<u8>) -> Vec<u8> {
+    let (mut h, _) = etherparse::Ipv4Header::from_slice(&frame).unwrap();
+    h.dont_fragment = true;
+    h.header_checksum = h.calc_header_checksum();
+    frame[..20].copy_from_slice(&h.to_bytes());
+    frame
+}
+
+#[test]
+fn too_big_frames_short_and_long_get_their_icmp_answer_in_order() {
+    // MTU 1600: a 1700-byte frame (decided in the batch arena) and a 4000-byte one (decided
+    // alone) with DF both get "fragmentation needed"; the small frames around them pass.
+    let node = Node::start_with_mtu(1, &["198.18.21.2"], 1600);
+    let frames = [
+        udp_sized(7000, 0, 4),
+        with_dont_fragment(udp_sized(7000, 1, 1700 - 28)),
+        udp_sized(7000, 2, 4),
+        with_dont_fragment(udp_sized(7000, 3, 4000 - 28)),
+        udp_sized(7000, 4, 4),
+    ];
+    for f in &frames {
+        assert!(node.injectors[0].inject(f));
+    }
+    let got = node.collect(frames.len());
+    assert_eq!(got.len(), frames.len());
+    let client: IpAddr = Ipv4Addr::new(198, 18, 1, 2).into();
+    for (i, s) in got.iter().enumerate() {
+        if i % 2 == 0 {
+            assert_eq!(decode(s).2, u32::try_from(i).unwrap());
+            continue;
+        }
+        assert_eq!(s.destination, client, "packet {i} answers the client");
+        assert!(
+            s.packet.len() <= 576,
+            "packet {i}: {} bytes",
+            s.packet.len()
+        );
+        let reply = SlicedPacket::from_ip(&s.packet).expect("the reply parses");
+        let Some(TransportSlice::Icmpv4(icmp)) = reply.transport else {
+            panic!("packet {i} is not ICMP")
+        };
+        assert_eq!(
+            icmp.icmp_type(),
+            etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1600 - 20
+                }
+            ),
+            "packet {i}"
+        );
+        // The quote starts with the frame's own IP header.
+        assert_eq!(&icmp.payload()[..20], &frames[i][..20], "packet {i}");
+    }
+    let status = node.status_after(5);
+    let counters = &status["counters"];
+    assert_eq!(counters["drops"]["internal"], 0, "{counters}");
+    assert_eq!(counters["encapsulated"], 3, "{counters}");
+    assert_eq!(counters["icmp_too_big_sent"], 2, "{counters}");
 }
 
 #[test]
