@@ -111,20 +111,27 @@ fn scenario(chain_window_seconds: u32) -> (usize, usize) {
         Fleet::mux_address(1),
         Fleet::mux_address(2)
     );
-    for j in 1..=3 {
-        let text = format!(
+    // Backends 1 and 2 start knowing only each other; they learn of backend 3 by a reload
+    // (their agents watch the file), as an operator adding a backend would do it.
+    let agent_text = |j: usize, backends: &[usize]| {
+        format!(
             "[node]\nname = \"be{j}\"\ninterface = \"b0\"\naddress_v4 = \"{}\"\ncontrol_socket = SOCKET\n\
              [agent]\nmuxes = {muxes}\n{}",
             Fleet::backend_address(j),
-            vip(&[1, 2, 3])
-        );
-        spawn(
+            vip(backends)
+        )
+    };
+    let mut agent_configs = Vec::new();
+    for j in 1..=3 {
+        let text = agent_text(j, if j == 3 { &[1, 2, 3] } else { &[1, 2] });
+        let (socket, config) = spawn(
             &mut lab,
             &fleet.backends[j - 1],
             "agent",
             &format!("agent{j}"),
             &text,
         );
+        agent_configs.push((socket, config, agent_text(j, &[1, 2, 3])));
     }
     let mux_text = |i: usize, backends: &[usize]| {
         format!(
@@ -149,6 +156,11 @@ fn scenario(chain_window_seconds: u32) -> (usize, usize) {
     for j in 1..=3 {
         line_server(&fleet.backends[j - 1], j, Arc::clone(&stop));
     }
+    // Backend 3 is announced to the agents of 1 and 2 (file change, no restart).
+    for (socket, config, text) in &agent_configs[..2] {
+        std::fs::write(config, text.replace("SOCKET", &format!("{socket:?}"))).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1500));
     // Everything through mux 1: open the connections, one exchange each.
     fleet.route_vip_via(&[1]).unwrap();
     let outcome = fleet

@@ -84,9 +84,9 @@ fuzz_target!(|data: &[u8]| {
     let mut state = new_state();
     let mut out = vec![0u8; 65535 + 48];
     for now in [0, 1_000_000_000] {
-        match process(frame, link, snapshot(), &mut state, now, &mut out) {
-            Action::Encap { len, .. } | Action::IcmpReply { len } => assert!(len <= out.len() && len > 0),
-            Action::Pass | Action::Drop(_) => {}
+        let action = process(frame, link, snapshot(), &mut state, now, &mut out);
+        if !matches!(action, Action::Pass | Action::Drop(_)) {
+            assert!(action.output_len() <= out.len() && action.output_len() > 0);
         }
     }
     assert_eq!(state.counters.dropped(DropReason::Internal), 0, "{frame:02x?}");
@@ -97,10 +97,7 @@ fuzz_target!(|data: &[u8]| {
     let mut one_by_one = Vec::new();
     for _ in 0..3 {
         let action = process(frame, link, snapshot(), &mut single, 0, &mut out);
-        let len = match action {
-            Action::Encap { len, .. } | Action::IcmpReply { len } => len,
-            Action::Pass | Action::Drop(_) => 0,
-        };
+        let len = action.output_len();
         one_by_one.push((action, out[..len].to_vec()));
     }
     let mut batch = new_state();

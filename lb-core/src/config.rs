@@ -58,10 +58,11 @@ pub struct AgentConfig {
     /// Where encapsulated packets may come from: the muxes' addresses or prefixes. Anything
     /// else is dropped and counted (it would let anyone inject traffic for a VIP).
     pub muxes: Vec<ipnet::IpNet>,
-    /// How long after a backend change a packet for a connection this host does not have is
-    /// chained on to the previous backend (Beamer daisy chaining); 0 turns chaining off.
-    #[serde(default = "default_chain_window")]
-    pub chain_window_seconds: u32,
+    /// Daisy chaining (Beamer): pass a non-SYN TCP packet that names a previous backend (GRE
+    /// key) for a connection this host does not have on to that backend, once. The window is
+    /// the muxes' (`node.chain_window_seconds`): they name a previous backend only within it.
+    #[serde(default = "default_true")]
+    pub chaining: bool,
     /// Egress SNAT: destinations ("the Internet") whose connections from this host's own
     /// address leave with a VIP as source. The agent steers them into its TUN by policy
     /// routing (`ip rule from <address> to <prefix> lookup 4242`, a default route into the TUN
@@ -307,6 +308,9 @@ fn default_ttl() -> u8 {
 fn default_tun() -> String {
     "lbtun0".to_owned()
 }
+fn default_true() -> bool {
+    true
+}
 fn default_chain_window() -> u32 {
     30
 }
@@ -482,6 +486,18 @@ impl Config {
                     ),
                 );
             }
+            if let Some((j, v)) = on_address
+                .iter()
+                .find(|(_, v)| on_address.first().is_some_and(|(_, f)| f.encap != v.encap))
+            {
+                fail(
+                    format!("{at}.address"),
+                    format!(
+                        "the VIPs on {} use different encapsulations (vip[{j}] {:?} uses {}): SNAT return traffic needs one",
+                        snat.address, v.name, v.encap
+                    ),
+                );
+            }
             for (j, v) in on_address {
                 let clash = match v.port {
                     PortSpec::All => true,
@@ -615,6 +631,15 @@ impl NodeConfig {
                 ),
             );
         }
+        if self.chain_window_seconds > 3600 {
+            fail(
+                "node.chain_window_seconds".into(),
+                format!(
+                    "{} s is over an hour; moved connections should have settled long before",
+                    self.chain_window_seconds
+                ),
+            );
+        }
         if self.conntrack_capacity < 8 || self.conntrack_capacity > 1 << 26 {
             fail(
                 "node.conntrack_capacity".into(),
@@ -665,15 +690,6 @@ impl AgentConfig {
                     format!("{net} accepts encapsulated packets from anywhere"),
                 );
             }
-        }
-        if self.chain_window_seconds > 3600 {
-            fail(
-                "agent.chain_window_seconds".into(),
-                format!(
-                    "{} s is over an hour; connections should have settled long before",
-                    self.chain_window_seconds
-                ),
-            );
         }
     }
 }
@@ -886,7 +902,7 @@ mod tests {
         );
         let c = Config::from_toml(&agent, "t").unwrap();
         let a = c.agent.as_ref().unwrap();
-        assert_eq!((a.tun.as_str(), a.chain_window_seconds), ("lbtun0", 30));
+        assert_eq!((a.tun.as_str(), a.chaining), ("lbtun0", true));
         assert_eq!(c.snats[0].first_port, 1024);
         assert_eq!(c.snat_backends("198.18.100.1".parse().unwrap()).len(), 2);
         let p = only_problem(&agent.replace("[\"198.18.11.0/24\"]", "[]"));

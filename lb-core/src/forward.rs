@@ -148,6 +148,18 @@ pub enum Action {
     Drop(DropReason),
 }
 
+impl Action {
+    /// How many bytes of the output buffer it sends: 0 for [`Action::Pass`] and
+    /// [`Action::Drop`].
+    #[must_use]
+    pub fn output_len(self) -> usize {
+        match self {
+            Self::Encap { len, .. } | Self::SnatReturn { len, .. } | Self::IcmpReply { len } => len,
+            Self::Pass | Self::Drop(_) => 0,
+        }
+    }
+}
+
 /// A worker's counters. Each worker owns one; they are summed when scraped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -751,10 +763,7 @@ mod tests {
     ) -> (Action, Vec<u8>) {
         let mut out = vec![0u8; 65535 + 48];
         let action = process(frame, Link::Ip, snapshot, state, now, &mut out);
-        let len = match action {
-            Action::Encap { len, .. } | Action::IcmpReply { len } => len,
-            _ => 0,
-        };
+        let len = action.output_len();
         out.truncate(len);
         (action, out)
     }
@@ -871,6 +880,55 @@ mod tests {
     }
 
     #[test]
+    fn snat_return_traffic_goes_to_the_owner_of_its_port_range() {
+        let text = format!(
+            "{CONFIG}\n[[snat]]\naddress = \"198.18.100.2\"\nfirst_port = 1024\nlast_port = 65535\n"
+        );
+        let config = Config::from_toml(&text, "t").unwrap();
+        let s = Snapshot::compile(&config, 1).unwrap();
+        let ranges = crate::snat::PortRanges::build(
+            &config.snats[0],
+            &config.snat_backends(IpAddr::V4(POOL.into())),
+        );
+        let mut state = worker();
+        for port in [1024u16, 5000, 40_000, 65_535] {
+            let reply = tcp4([198, 19, 0, 2], POOL, 443, port, false, 20);
+            let (action, out) = run(&s, &mut state, &reply, 10);
+            let owner = ranges.owner(port).unwrap();
+            assert_eq!(
+                action,
+                Action::SnatReturn {
+                    to: owner,
+                    len: out.len()
+                }
+            );
+            check_encapsulated(&out, &reply, v4([198, 18, 11, 2]), owner, false);
+        }
+        // The service port is the VIP's; a port below the SNAT space is no one's.
+        let (action, _) = run(&s, &mut state, &tcp4(CLIENT, POOL, 1000, 80, true, 0), 10);
+        assert!(matches!(action, Action::Encap { .. }), "{action:?}");
+        let (action, _) = run(&s, &mut state, &tcp4(CLIENT, POOL, 1000, 1000, true, 0), 10);
+        assert_eq!(action, Action::Pass);
+        // Health overrides do not move ranges: the split follows the file.
+        let mut effective = config.clone();
+        effective.vips[6].backends.remove(0);
+        let mut s2 = Snapshot::compile(&effective, 2).unwrap();
+        s2.use_snat_of(&config);
+        let owned_by_removed = (1024..=65_535u16)
+            .find(|&p| ranges.owner(p) == Some(effective_removed(&config)))
+            .unwrap();
+        assert_eq!(
+            s2.snat_owner(IpAddr::V4(POOL.into()), owned_by_removed)
+                .map(|o| o.0),
+            ranges.owner(owned_by_removed)
+        );
+    }
+
+    fn effective_removed(config: &Config) -> IpAddr {
+        config.vips[6].backends[0].address
+    }
+
+    #[test]
     fn moved_flows_name_their_previous_backend_in_the_gre_key_within_the_window() {
         let gre_pool = |backends: &[&str]| {
             let mut t = String::from(
@@ -914,6 +972,33 @@ mod tests {
             }
         }
         assert!(moved > 50 && stayed > 100, "moved {moved}, stayed {stayed}");
+        // A later publish that leaves this VIP's table alone (say, another VIP changed) keeps
+        // the open window, with its deadline.
+        let mut later = snapshot(&gre_pool(&["198.18.21.2", "198.18.22.2", "198.18.23.2"]));
+        later.chain_from(&new, until + 5);
+        let moved_flow = (1000..1300u16)
+            .map(|sport| FlowKey::v4(CLIENT.into(), POOL.into(), PROTO_TCP, sport, 80))
+            .find(|f| {
+                old.vips[0].table.lookup_backend(f.hash()).unwrap().id
+                    != new.vips[0].table.lookup_backend(f.hash()).unwrap().id
+            })
+            .unwrap();
+        let address = later.vips[0]
+            .table
+            .lookup_backend(moved_flow.hash())
+            .unwrap()
+            .id
+            .0;
+        assert!(
+            later
+                .previous_backend_tag(0, moved_flow.hash(), address, 10)
+                .is_some()
+        );
+        assert!(
+            later
+                .previous_backend_tag(0, moved_flow.hash(), address, until)
+                .is_none()
+        );
         // IP-in-IP has no key to carry it: nothing is kept.
         let mut ipip = snapshot(CONFIG);
         ipip.chain_from(
@@ -1069,10 +1154,7 @@ mod tests {
         for f in frames {
             let mut out = vec![0u8; 65535 + 48];
             let action = process(f, link, s, &mut state, now, &mut out);
-            let len = match action {
-                Action::Encap { len, .. } | Action::IcmpReply { len } => len,
-                _ => 0,
-            };
+            let len = action.output_len();
             out.truncate(len);
             actions.push(action);
             outs.push(out);
@@ -1091,10 +1173,7 @@ mod tests {
             let n = process_batch(&refs, link, s, &mut state, now, &mut out_refs, &mut got);
             assert_eq!(n, batch.len());
             for (action, mut out) in got.into_iter().zip(bufs) {
-                let len = match action {
-                    Action::Encap { len, .. } | Action::IcmpReply { len } => len,
-                    _ => 0,
-                };
+                let len = action.output_len();
                 out.truncate(len);
                 actions.push(action);
                 outs.push(out);

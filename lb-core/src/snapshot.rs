@@ -226,15 +226,38 @@ struct SnatReturn {
     tunnels: Vec<Option<Tunnel>>,
 }
 
+/// The SNAT return map of every `[[snat]]` section: the range split over the backends of the
+/// VIPs on its address, and a tunnel to each (the encapsulation those VIPs share; validation
+/// requires them to share one).
+fn snat_returns(config: &Config, node: &NodeSettings) -> Vec<SnatReturn> {
+    config
+        .snats
+        .iter()
+        .map(|c| {
+            let ranges = PortRanges::build(c, &config.snat_backends(c.address));
+            let encap = config
+                .vips
+                .iter()
+                .find(|v| v.address == c.address)
+                .map_or(Encap::Ipip, |v| v.encap);
+            let tunnels = ranges
+                .backends()
+                .iter()
+                .map(|&b| tunnel(node, encap, b))
+                .collect();
+            SnatReturn { ranges, tunnels }
+        })
+        .collect()
+}
+
 /// The tables a snapshot replaced, kept for a window so that a mux can name a flow's previous
 /// backend (see [`Snapshot::chain_from`]).
 #[derive(Clone, Debug)]
 struct Previous {
-    /// `now` (the workers' clock, nanoseconds) after which the previous tables are ignored.
-    until: u64,
-    /// The previous table of each current VIP (matched by name), if it had one; only for GRE
-    /// VIPs, whose key can carry the previous backend.
-    tables: Vec<Option<MaglevTable>>,
+    /// Per current VIP (by index): the table it had before its last change, and `now` (the
+    /// workers' clock, nanoseconds) after which it is ignored. Only GRE VIPs, whose key can
+    /// carry the previous backend.
+    tables: Vec<Option<(MaglevTable, u64)>>,
 }
 
 impl Snapshot {
@@ -300,24 +323,7 @@ impl Snapshot {
                 );
             }
         }
-        let snat = config
-            .snats
-            .iter()
-            .map(|c| {
-                let ranges = PortRanges::build(c, &config.snat_backends(c.address));
-                let encap = config
-                    .vips
-                    .iter()
-                    .find(|v| v.address == c.address)
-                    .map_or(Encap::Ipip, |v| v.encap);
-                let tunnels = ranges
-                    .backends()
-                    .iter()
-                    .map(|&b| tunnel(&node, encap, b))
-                    .collect();
-                SnatReturn { ranges, tunnels }
-            })
-            .collect();
+        let snat = snat_returns(config, &node);
         let linear = if by_key.len() <= LINEAR_VIPS {
             let mut keys: Vec<_> = by_key
                 .iter()
@@ -350,6 +356,14 @@ impl Snapshot {
         })
     }
 
+    /// Takes the SNAT port-range split from `config` instead of the compiled one. The split must
+    /// follow the config file, as every agent's does, not health or drain overrides: an
+    /// unhealthy backend keeps its ranges (its agent still owns those ports). Call before
+    /// publishing.
+    pub fn use_snat_of(&mut self, config: &Config) {
+        self.snat = snat_returns(config, &self.node);
+    }
+
     /// The backend that owns SNAT port `port` of `address` (return traffic of an egress
     /// connection), with its tunnel; None when the address has no SNAT or the port is outside
     /// its space.
@@ -366,8 +380,11 @@ impl Snapshot {
     /// Keeps `old`'s tables as the previous generation until `until` (the workers' clock, in
     /// nanoseconds): for that window, a GRE VIP's packet steered by the table to a backend other
     /// than the one `old` would have chosen carries the old one's [`backend_tag`] in its GRE
-    /// key, so the new backend's agent can chain a connection it does not have on to it. Call
-    /// before publishing; a snapshot is immutable once published.
+    /// key, so the new backend's agent can chain a connection it does not have on to it.
+    ///
+    /// A VIP whose table did not change keeps the previous table `old` kept for it, with its
+    /// own deadline: a reload of something else does not cut an open window short. Call before
+    /// publishing; a snapshot is immutable once published.
     pub fn chain_from(&mut self, old: &Snapshot, until: u64) {
         let tables = self
             .vips
@@ -376,16 +393,24 @@ impl Snapshot {
                 if v.encap != Encap::Gre {
                     return None;
                 }
-                old.vips
+                let (index, o) = old
+                    .vips
                     .iter()
-                    .find(|o| o.name == v.name && o.fingerprint != v.fingerprint)
-                    .map(|o| o.table.clone())
+                    .enumerate()
+                    .find(|(_, o)| o.name == v.name)?;
+                if o.fingerprint != v.fingerprint {
+                    return Some((o.table.clone(), until));
+                }
+                old.previous
+                    .as_ref()
+                    .and_then(|p| p.tables.get(index))
+                    .and_then(Clone::clone)
             })
             .collect::<Vec<_>>();
         self.previous = tables
             .iter()
             .any(Option::is_some)
-            .then_some(Previous { until, tables });
+            .then_some(Previous { tables });
     }
 
     /// The tag of the backend the previous generation's table gives `flow_hash` of VIP
@@ -399,8 +424,15 @@ impl Snapshot {
         backend: IpAddr,
         now: u64,
     ) -> Option<u32> {
-        let previous = self.previous.as_ref().filter(|p| now < p.until)?;
-        let table = previous.tables.get(usize::from(vip_index))?.as_ref()?;
+        let (table, until) = self
+            .previous
+            .as_ref()?
+            .tables
+            .get(usize::from(vip_index))?
+            .as_ref()?;
+        if now >= *until {
+            return None;
+        }
         let old = table.lookup_backend(flow_hash)?.id.0;
         (old != backend).then(|| backend_tag(old))
     }

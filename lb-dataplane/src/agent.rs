@@ -142,7 +142,7 @@ impl Policy {
             muxes: agent.muxes.clone(),
             vips: config.vips.iter().map(|v| v.address).collect(),
             previous,
-            chaining: agent.chain_window_seconds > 0,
+            chaining: agent.chaining,
         })
     }
 
@@ -248,10 +248,10 @@ mod tests {
     const MUX: &str = "198.18.11.2";
     const VIP: [u8; 4] = [198, 18, 100, 1];
 
-    fn config(chain_window: u32) -> Config {
+    fn config(chaining: bool) -> Config {
         Config::from_toml(
             &format!(
-                "[node]\naddress_v4 = \"{ME}\"\n[agent]\nmuxes = [\"198.18.11.0/24\"]\nchain_window_seconds = {chain_window}\n\
+                "[node]\naddress_v4 = \"{ME}\"\n[agent]\nmuxes = [\"198.18.11.0/24\"]\nchaining = {chaining}\n\
                  [[vip]]\nname = \"web\"\naddress = \"198.18.100.1\"\nprotocol = \"tcp\"\nport = 80\nencap = \"gre\"\n\
                  [[vip.backend]]\naddress = \"{ME}\"\n[[vip.backend]]\naddress = \"{OTHER}\"\n"
             ),
@@ -309,7 +309,7 @@ mod tests {
 
     #[test]
     fn delivers_from_muxes_and_rejects_the_rest() {
-        let policy = Policy::from_config(&config(30)).unwrap();
+        let policy = Policy::from_config(&config(true)).unwrap();
         let inner = tcp(VIP, true);
         let ok = tunnel(&inner, MUX, ME, None);
         assert_eq!(run(&ok, &policy, false), Owned::Deliver(inner.clone()));
@@ -344,7 +344,7 @@ mod tests {
 
     #[test]
     fn chains_only_mid_connection_packets_this_host_does_not_have() {
-        let policy = Policy::from_config(&config(30)).unwrap();
+        let policy = Policy::from_config(&config(true)).unwrap();
         let previous = backend_tag(OTHER.parse().unwrap());
         let ack = tcp(VIP, false);
         let keyed = tunnel(&ack, MUX, ME, Some(previous));
@@ -372,7 +372,7 @@ mod tests {
             "never to itself"
         );
         // The previous backend accepts the chained packet (no key) from its peer, once.
-        let peer = Policy::from_config(&config(30).tap_address(OTHER)).unwrap();
+        let peer = Policy::from_config(&config(true).tap_address(OTHER)).unwrap();
         let chained = tunnel(&ack, ME, OTHER, None);
         assert_eq!(
             run(&chained, &peer, false),
@@ -383,10 +383,10 @@ mod tests {
             run(&keyed_from_peer, &peer, false),
             Owned::Reject(Reject::ForeignSource)
         );
-        let off = Policy::from_config(&config(0)).unwrap();
+        let off = Policy::from_config(&config(false)).unwrap();
         assert!(
             matches!(run(&keyed, &off, false), Owned::Deliver(_)),
-            "window 0: no chaining"
+            "chaining off"
         );
     }
 
@@ -403,7 +403,7 @@ mod tests {
 
     #[test]
     fn an_agent_that_is_no_backend_is_refused() {
-        let mut c = config(30);
+        let mut c = config(true);
         c.node.address_v4 = Some(IpAddr::V4(Ipv4Addr::new(198, 18, 29, 9)));
         assert!(
             Policy::from_config(&c)

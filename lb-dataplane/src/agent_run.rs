@@ -6,8 +6,10 @@
 //! published every [`crate::worker::REPORT_INTERVAL`] for `lb status` and metrics.
 //!
 //! **Invariants.** The receive loop never waits for a reader of its counters (`try_lock`);
-//! a positive sock_diag answer is cached, so a connection costs one netlink round trip, not one
-//! per packet; SIGTERM/SIGINT stop it after its batch, exit 0.
+//! sock_diag answers are cached (present for a minute, absent for 200 ms), so a connection costs
+//! a netlink round trip now and then, not one per packet; SIGHUP or a changed file reloads the
+//! VIPs, muxes and peers between batches (a bad file is logged, the old config kept);
+//! SIGTERM/SIGINT stop it after its batch, exit 0.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -22,7 +24,7 @@ use lb_core::config::Config;
 use lb_core::encap::{EncapKind, EncapParams, encapsulate};
 use lb_core::packet;
 use serde_json::{Value, json};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::afpacket::{AfPacketReceiver, RingConfig};
@@ -246,7 +248,7 @@ fn prepare_rp_filter(tun: &str) {
 /// Runs `lb agent` until SIGTERM or SIGINT.
 pub fn run(options: &AgentOptions) -> Result<(), String> {
     let config = Config::load(&options.config).map_err(|e| e.to_string())?;
-    let policy =
+    let mut policy =
         Policy::from_config(&config).map_err(|e| format!("{}: {e}", options.config.display()))?;
     let agent = config.agent.clone().ok_or("no [agent] section")?;
     let interface = config.node.interface.clone().ok_or_else(|| {
@@ -306,19 +308,28 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
     }
     let mut signals =
-        Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("signal handlers: {e}"))?;
+        Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(|e| format!("signal handlers: {e}"))?;
+    let reload_requested = Arc::new(AtomicBool::new(false));
     {
         let shared = Arc::clone(&shared);
+        let reload_requested = Arc::clone(&reload_requested);
         thread::Builder::new()
             .name("lb-signals".into())
             .spawn(move || {
-                if let Some(signal) = signals.forever().next() {
+                for signal in signals.forever() {
+                    if signal == SIGHUP {
+                        reload_requested.store(true, Ordering::Relaxed);
+                        continue;
+                    }
                     tracing::info!(signal, "shutting down");
                     shared.shutdown.store(true, Ordering::Relaxed);
+                    break;
                 }
             })
             .map_err(|e| e.to_string())?;
     }
+    let mut config_digest = file_digest(&options.config);
+    let mut last_watch = Instant::now();
     tracing::info!(
         node = %config.node.name,
         %interface,
@@ -329,7 +340,10 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
     );
     let link = rx.link();
     let mut local = AgentCounters::default();
-    let mut known_connections: HashMap<(SocketAddr, SocketAddr), Instant> = HashMap::new();
+    // sock_diag answers per (local, remote): present ones for a minute, absent ones for
+    // NEGATIVE_TTL, so a chained connection costs a netlink round trip now and then, not per
+    // packet.
+    let mut known_connections: HashMap<(SocketAddr, SocketAddr), (bool, Instant)> = HashMap::new();
     let mut out = vec![0u8; 65_535 + 48];
     let mut scratch = vec![0u8; 65_535];
     let mut last_report = Instant::now();
@@ -341,13 +355,15 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
             };
             let mut lookups = 0;
             let mut has_connection = |l: SocketAddr, r: SocketAddr| {
-                if known_connections.contains_key(&(l, r)) {
-                    return true;
+                if let Some(&(exists, seen)) = known_connections.get(&(l, r))
+                    && (exists || seen.elapsed() < NEGATIVE_TTL)
+                {
+                    return exists;
                 }
                 lookups += 1;
                 let exists = diag.tcp_connection_exists(l, r).unwrap_or(false);
-                if exists && known_connections.len() < 65_536 {
-                    known_connections.insert((l, r), Instant::now());
+                if known_connections.len() < KNOWN_CONNECTIONS {
+                    known_connections.insert((l, r), (exists, Instant::now()));
                 }
                 exists
             };
@@ -419,9 +435,49 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
             if let Ok(mut h) = shared.heartbeat.try_lock() {
                 *h = Some(Instant::now());
             }
-            // Forget connections not confirmed for a while (they may have closed).
-            known_connections.retain(|_, seen| seen.elapsed() < Duration::from_secs(60));
+            // Forget answers that may be stale (connections close, chained ones settle).
+            known_connections.retain(|_, (exists, seen)| {
+                seen.elapsed()
+                    < if *exists {
+                        Duration::from_secs(60)
+                    } else {
+                        NEGATIVE_TTL
+                    }
+            });
             last_report = Instant::now();
+        }
+        // Reload on SIGHUP or a changed file: the VIPs, muxes and peers (new backends may chain
+        // here), and the SNAT split if it changed. A bad file is logged and the old one kept.
+        if last_watch.elapsed() >= crate::mux::WATCH_INTERVAL {
+            last_watch = Instant::now();
+            let digest = file_digest(&options.config);
+            if digest.is_some() && digest != config_digest {
+                reload_requested.store(true, Ordering::Relaxed);
+            }
+        }
+        if reload_requested.swap(false, Ordering::Relaxed) {
+            config_digest = file_digest(&options.config);
+            match Config::load(&options.config)
+                .map_err(|e| e.to_string())
+                .and_then(|c| Policy::from_config(&c).map(|p| (c, p)))
+            {
+                Ok((new_config, new_policy)) => {
+                    let new_tables = snat_tables(&new_config, &new_policy);
+                    let mut tables = shared.snat.lock().unwrap_or_else(PoisonError::into_inner);
+                    let same_split = tables.len() == new_tables.len()
+                        && tables.iter().zip(&new_tables).all(|(a, b)| {
+                            a.snat_address() == b.snat_address() && a.ranges().eq(b.ranges())
+                        });
+                    if !same_split {
+                        tracing::warn!("the SNAT port split changed: egress mappings start afresh");
+                        *tables = new_tables;
+                    }
+                    drop(tables);
+                    policy = new_policy;
+                    tracing::info!("config reloaded");
+                }
+                Err(e) => tracing::error!(error = %e, "config rejected; the previous one stays"),
+            }
         }
     }
     *shared
@@ -456,6 +512,15 @@ fn snat_tables(config: &Config, policy: &Policy) -> Vec<SnatTable> {
             ))
         })
         .collect()
+}
+
+/// How long an absent-connection answer of sock_diag is trusted.
+const NEGATIVE_TTL: Duration = Duration::from_millis(200);
+/// Most sock_diag answers remembered.
+const KNOWN_CONNECTIONS: usize = 65_536;
+
+fn file_digest(path: &std::path::Path) -> Option<u64> {
+    std::fs::read(path).ok().map(|b| lb_core::hash::xxh3(&b, 0))
 }
 
 /// Mappings per SNAT address.

@@ -243,6 +243,7 @@ impl ControlPlane {
         let generation = old.generation + 1;
         let mut snapshot = Snapshot::compile(&effective, generation)
             .map_err(|e| format!("{}: {e}", self.config_path.display()))?;
+        snapshot.use_snat_of(&base);
         let window = u64::from(effective.node.chain_window_seconds) * 1_000_000_000;
         if window > 0 {
             snapshot.chain_from(&old, crate::worker::monotonic_ns().saturating_add(window));

@@ -114,7 +114,14 @@ pub fn run(options: &MuxOptions) -> Result<(), String> {
                 }
             }
         })
-        .map_err(|e| format!("signal thread: {e}"))?;
+        .map_err(|e| format!("signal thread: {e}"));
+    let signal_thread = match signal_thread {
+        Ok(t) => t,
+        Err(e) => {
+            mux.stop();
+            return Err(e);
+        }
+    };
     loop {
         match signal_rx.recv_timeout(WATCH_INTERVAL) {
             Ok(SIGHUP) => {

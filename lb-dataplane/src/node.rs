@@ -59,11 +59,22 @@ impl Mux {
             Arc::clone(&plane) as Arc<dyn crate::socket::ControlHandler>,
             socket_path,
         )?;
-        let mut workers = Vec::with_capacity(devices.len());
+        let mut workers: Vec<WorkerHandle> = Vec::with_capacity(devices.len());
         for (id, (rx, tx)) in devices.into_iter().enumerate() {
-            let handle = worker::spawn(id, rx, tx, conntrack, Arc::clone(plane.shared()))?;
-            plane.add_worker(Arc::clone(&handle.report));
-            workers.push(handle);
+            match worker::spawn(id, rx, tx, conntrack, Arc::clone(plane.shared())) {
+                Ok(handle) => {
+                    plane.add_worker(Arc::clone(&handle.report));
+                    workers.push(handle);
+                }
+                Err(e) => {
+                    // Leave nothing running: stop the workers already started.
+                    plane.shared().shutdown.store(true, Ordering::Relaxed);
+                    for w in workers {
+                        w.join();
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(Self {
             plane,

@@ -41,8 +41,8 @@ pub struct ControlSocket {
 
 impl ControlSocket {
     /// Binds `path` (mode 0600; its directory is created with mode 0700 if missing) and serves
-    /// `plane` until the shared shutdown flag is set. Refuses a path where a live server
-    /// answers; replaces a stale socket file.
+    /// `plane` until it is stopping. Refuses a path where a live server answers, or that is not
+    /// a socket; replaces a stale socket.
     pub fn serve(plane: Arc<dyn ControlHandler>, path: &Path) -> io::Result<Self> {
         let context = |what: &str, e: io::Error| {
             io::Error::new(
@@ -58,7 +58,17 @@ impl ControlSocket {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| context("chmod 0700 of its directory", e))?;
         }
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "control socket {}: the path exists and is not a socket; refusing to replace it",
+                        path.display()
+                    ),
+                ));
+            }
             if UnixStream::connect(path).is_ok() {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
