@@ -82,22 +82,26 @@ pub struct RingConfig {
 }
 
 impl Default for RingConfig {
-    /// 16 blocks of 1 MiB, frame size 2048, block time-out 1 ms.
+    /// 128 blocks of 128 KiB (16 MiB), frame size 2048, block time-out 1 ms.
     ///
     /// - **Latency vs batching.** A block reaches user space when it is full or after the
-    ///   time-out. Under load a 1 MiB block fills long before 1 ms (it holds about 650
-    ///   full-size frames or about 8000 minimum-size ones), so each block is one large batch
-    ///   and costs at most one `poll`. At a low rate the time-out bounds the added latency at
-    ///   about 1 ms (one timer tick more at worst), which is small next to a WAN round trip.
-    ///   A longer time-out would batch more at low rates, where batching does not matter.
+    ///   time-out. Under load a 128 KiB block fills well before 1 ms (about 80 full-size frames
+    ///   or about 1000 minimum-size ones), so each block is a batch or more and costs at most
+    ///   one `poll`. At a low rate the time-out bounds the added latency at about 1 ms (one
+    ///   timer tick more at worst).
+    /// - **Many blocks, because a sparse stream spends one per time-out.** At a low rate every
+    ///   block retires after 1 ms holding a few frames, so the ring rides out a worker being
+    ///   descheduled for about `block_count` ms. Measured: with 16 blocks of 1 MiB, a
+    ///   1000-packet-a-second stream lost 8 of 5000 frames at the ring while the machine was
+    ///   busy compiling (tests/mux_netns.rs, reloads under load); 128 blocks give 128 ms.
     /// - **Burst absorption.** 16 MiB per receiver: at 10 Gbit/s about 13 ms of full-size
-    ///   traffic, enough to ride out a worker being descheduled for a few ms, while one block
-    ///   is being read and 15 are free for the kernel.
-    /// - **Memory.** 16 MiB per worker; with a few workers this is well within a mux's budget.
+    ///   traffic.
+    /// - **Block size.** 128 KiB holds a 64 KiB frame (a GRO'd one, should a NIC hand one
+    ///   over) with room to spare, so no frame is truncated.
     fn default() -> Self {
         Self {
-            block_size: 1 << 20,
-            block_count: 16,
+            block_size: 1 << 17,
+            block_count: 128,
             frame_size: 2048,
             block_timeout_ms: 1,
         }
