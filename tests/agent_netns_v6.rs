@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -82,34 +81,6 @@ fn vips_toml(services: &[Service], outer: Outer, backends: usize) -> String {
         }
     }
     s
-}
-
-fn wait_for_socket(lab: &mut Lab, pid: u32, socket: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while request(socket, &json!({"command": "status"})).is_err() {
-        assert!(
-            Instant::now() < deadline && lab.wait(pid, Duration::ZERO).is_none(),
-            "{what} did not start:\n{}",
-            lab.log(pid)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn start(lab: &mut Lab, ns: &Namespace, what: &str, name: &str, config: String) -> (u32, PathBuf) {
-    let socket = lab.log_dir().join(format!("{name}.sock"));
-    let path = lab.log_dir().join(format!("{name}.toml"));
-    std::fs::write(&path, config.replace("SOCKET", &format!("{socket:?}"))).unwrap();
-    let pid = lab
-        .spawn(
-            ns,
-            Command::new(env!("CARGO_BIN_EXE_lb"))
-                .args([what, "--no-metrics", "--config"])
-                .arg(&path),
-        )
-        .unwrap();
-    wait_for_socket(lab, pid, &socket, name);
-    (pid, socket)
 }
 
 /// An HTTP/1.0 server on `at` in `ns`, answering every request with `body` repeated 2000
@@ -283,13 +254,17 @@ fn scenario(
             mux_prefix(2, outer),
             vips_toml(services, outer, 2)
         );
-        agents.push(start(
-            &mut lab,
-            &fleet.backends[j - 1],
-            "agent",
-            &format!("agent{j}"),
-            config,
-        ));
+        agents.push({
+            let n = common::start_node(
+                &mut lab,
+                &fleet.backends[j - 1],
+                "agent",
+                &format!("agent{j}"),
+                &config,
+                &["--no-metrics"],
+            );
+            (n.pid, n.socket)
+        });
     }
     let mut muxes = Vec::new();
     for i in 1..=2 {
@@ -302,13 +277,17 @@ fn scenario(
             node_address(address),
             vips_toml(services, outer, 2)
         );
-        muxes.push(start(
-            &mut lab,
-            &fleet.muxes[i - 1],
-            "mux",
-            &format!("mux{i}"),
-            config,
-        ));
+        muxes.push({
+            let n = common::start_node(
+                &mut lab,
+                &fleet.muxes[i - 1],
+                "mux",
+                &format!("mux{i}"),
+                &config,
+                &["--no-metrics"],
+            );
+            (n.pid, n.socket)
+        });
     }
     let stop = Arc::new(AtomicBool::new(false));
     for j in 1..=2 {

@@ -9,10 +9,9 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddrV4, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lb::netns::{Lab, Namespace, require_root};
 use lb::topology::{Fleet, FleetPlan};
@@ -37,27 +36,8 @@ fn vip(backends: &[usize]) -> String {
 }
 
 fn spawn(lab: &mut Lab, ns: &Namespace, what: &str, name: &str, text: &str) -> (PathBuf, PathBuf) {
-    let socket = lab.log_dir().join(format!("{name}.sock"));
-    let config = lab.log_dir().join(format!("{name}.toml"));
-    std::fs::write(&config, text.replace("SOCKET", &format!("{socket:?}"))).unwrap();
-    let pid = lab
-        .spawn(
-            ns,
-            Command::new(env!("CARGO_BIN_EXE_lb"))
-                .args([what, "--no-metrics", "--config"])
-                .arg(&config),
-        )
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while request(&socket, &json!({"command": "status"})).is_err() {
-        assert!(
-            Instant::now() < deadline && lab.wait(pid, Duration::ZERO).is_none(),
-            "{name} did not start:\n{}",
-            lab.log(pid)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (socket, config)
+    let node = common::start_node(lab, ns, what, name, text, &["--no-metrics"]);
+    (node.socket, node.config)
 }
 
 /// A line server on VIP:PORT: answers each line "N" with "be<j> N".

@@ -70,30 +70,18 @@ struct RunningMux {
 
 fn start_mux(lab: &mut Lab, ns: &Namespace, i: usize, weights: &[u32]) -> RunningMux {
     let socket = lab.log_dir().join(format!("mux{i}.sock"));
-    let config = lab.log_dir().join(format!("mux{i}.toml"));
-    std::fs::write(&config, mux_config(i, &socket, weights)).unwrap();
-    let pid = lab
-        .spawn(
-            ns,
-            Command::new(env!("CARGO_BIN_EXE_lb"))
-                .args(["mux", "--config"])
-                .arg(&config)
-                .env("RUST_LOG", "info"),
-        )
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while request(&socket, &json!({"command": "status"})).is_err() {
-        assert!(
-            Instant::now() < deadline && lab.wait(pid, Duration::ZERO).is_none(),
-            "lb mux {i} did not start:\n{}",
-            lab.log(pid)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let node = common::start_node(
+        lab,
+        ns,
+        "mux",
+        &format!("mux{i}"),
+        &mux_config(i, &socket, weights),
+        &[],
+    );
     RunningMux {
-        pid,
-        socket,
-        config,
+        pid: node.pid,
+        socket: node.socket,
+        config: node.config,
     }
 }
 

@@ -10,10 +10,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lb::netns::{Lab, Namespace, VethEnd, require_root};
 use lb::topology::{Fleet, FleetPlan};
@@ -46,27 +45,7 @@ fn fleet_config() -> String {
 }
 
 fn start(lab: &mut Lab, ns: &Namespace, what: &str, name: &str, text: &str) -> std::path::PathBuf {
-    let socket = lab.log_dir().join(format!("{name}.sock"));
-    let config = lab.log_dir().join(format!("{name}.toml"));
-    std::fs::write(&config, text.replace("SOCKET", &format!("{socket:?}"))).unwrap();
-    let pid = lab
-        .spawn(
-            ns,
-            Command::new(env!("CARGO_BIN_EXE_lb"))
-                .args([what, "--no-metrics", "--config"])
-                .arg(&config),
-        )
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while request(&socket, &json!({"command": "status"})).is_err() {
-        assert!(
-            Instant::now() < deadline && lab.wait(pid, Duration::ZERO).is_none(),
-            "{name} did not start:\n{}",
-            lab.log(pid)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    socket
+    common::start_node(lab, ns, what, name, text, &["--no-metrics"]).socket
 }
 
 /// The internet host's echo servers; they record who they saw.
@@ -144,7 +123,7 @@ fn every_backend_reaches_the_internet_with_the_vip_as_source() {
         .ip(&["route", "add", "default", "via", "198.19.0.1"])
         .unwrap();
     // Real checksums from the internet host: veth would otherwise leave TCP's for the
-    // (virtual) hardware, and a userspace mux copies the bytes as they are (LAB.md, setting 1).
+    // (virtual) hardware, and a userspace mux copies the bytes as they are.
     internet
         .exec_checked("ethtool", &["-K", "i0", "tx", "off"])
         .unwrap();

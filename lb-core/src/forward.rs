@@ -2,8 +2,11 @@
 //! every packet of every mux worker, as pure code.
 //!
 //! 1. Parse ([`crate::packet`]). A malformed frame is dropped with the reason of its layer.
-//! 2. Match a VIP ([`Snapshot::match_vip`]). Traffic for no VIP is passed to the host or
-//!    dropped, as `node.unmatched` says.
+//! 2. Match a VIP ([`Snapshot::match_vip`]). A TCP or UDP packet to no VIP but to a port of a
+//!    VIP address's egress SNAT space is return traffic: it goes to the backend owning that
+//!    port's range ([`Snapshot::snat_owner`], [`Action::SnatReturn`]). Other traffic for no VIP
+//!    is passed to the host or dropped, as `node.unmatched` says. (ICMP errors about SNAT
+//!    connections are not steered: they are passed or dropped like other unmatched traffic.)
 //! 3. Choose the backend.
 //!    - A TCP or UDP flow in the worker's [`ConnTable`] keeps its backend, while that backend is
 //!      still in the VIP's table (a drained backend, weight 0, keeps its flows).
@@ -11,6 +14,9 @@
 //!      pure hashing; the packet is still forwarded.
 //!    - Fragments use the 3-tuple and are not tracked.
 //!    - ICMP errors use the quoted flow, reversed, so they reach the backend of the connection.
+//!    - Daisy chaining: within a window after a GRE VIP's table changed
+//!      ([`Snapshot::chain_from`]), a flow the table moved carries its previous backend's tag in
+//!      the GRE key, and is not tracked, so all its packets keep naming that backend.
 //! 4. Encapsulate towards the backend ([`crate::encap`]). If the result would exceed the MTU and
 //!    the packet may not be fragmented, answer the client with a rate-limited ICMP "fragmentation
 //!    needed" or ICMPv6 "packet too big", with the MTU reduced by the encapsulation overhead.

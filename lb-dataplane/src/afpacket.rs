@@ -44,7 +44,7 @@
 //! or from a veth peer with TX checksum offload) carry an L4 checksum that is not filled in yet.
 //! They are handed over unchanged, as the trait passes bytes and the mux does not rewrite inner
 //! packets; [`AfPacketReceiver::csum_not_ready_frames`] counts them so the operator can see the
-//! misconfiguration (the fix is `ethtool -K <peer> tx off` on the sending side, see LAB.md).
+//! misconfiguration (the fix is `ethtool -K <peer> tx off` on the sending side).
 //! On `lo` every locally sent TCP or UDP frame is marked so (the tests check it).
 
 use std::io;

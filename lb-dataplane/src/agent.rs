@@ -13,7 +13,8 @@
 //! 1. Not a tunnel packet to one of this host's addresses: not ours, ignored (host traffic).
 //! 2. The outer source is not one of `agent.muxes`: rejected and counted. Otherwise anyone could
 //!    inject traffic for a VIP. The one exception: another backend of the config chaining a
-//!    packet here (GRE without a key, step 4), which is delivered and never chained again.
+//!    packet here (a tunnel packet without a key, step 4), which is delivered and never chained
+//!    again.
 //! 3. The inner destination is not a VIP of the config: rejected and counted.
 //! 4. **Daisy chaining (Beamer).** A GRE key carries the [`backend_tag`] of the flow's previous
 //!    backend, set by a mux for a slot whose backend changed within its window. A TCP packet
@@ -53,6 +54,16 @@ pub enum Reject {
 impl Reject {
     /// Every reason, in counter order.
     pub const ALL: [Self; 3] = [Self::Malformed, Self::ForeignSource, Self::UnknownVip];
+
+    /// Its position in [`Reject::ALL`] (and in the counters).
+    #[must_use]
+    pub fn index(self) -> usize {
+        match self {
+            Self::Malformed => 0,
+            Self::ForeignSource => 1,
+            Self::UnknownVip => 2,
+        }
+    }
 
     /// The counter's name (`lb_agent_rejected_total{reason="…"}`).
     #[must_use]
@@ -185,7 +196,7 @@ pub fn classify<'a>(
     }
     let from_mux = policy.muxes.iter().any(|n| n.contains(&tunnel.outer_src));
     // Another backend may pass on a packet it was sent by mistake (daisy chaining); such a
-    // packet never carries a key, so it cannot be passed on again.
+    // packet never carries a key (GRE without one, or IP-in-IP), so it cannot be passed on again.
     let chained_here =
         !from_mux && tunnel.gre_key.is_none() && policy.peers.contains(&tunnel.outer_src);
     if !from_mux && !chained_here {
@@ -398,6 +409,13 @@ mod tests {
         fn tap_address(mut self, address: &str) -> Self {
             self.node.address_v4 = Some(address.parse().unwrap());
             self
+        }
+    }
+
+    #[test]
+    fn reject_reasons_are_indexed_in_order() {
+        for (i, r) in Reject::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r:?}");
         }
     }
 

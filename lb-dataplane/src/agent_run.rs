@@ -371,7 +371,7 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
             local.connection_lookups += lookups;
             match verdict {
                 Verdict::NotOurs => {}
-                Verdict::Reject(r) => local.rejected[r as usize] += 1,
+                Verdict::Reject(r) => local.rejected[r.index()] += 1,
                 Verdict::Deliver(inner)
                 | Verdict::DeliverUnknownPrevious(inner)
                 | Verdict::DeliverChained(inner) => {

@@ -6,7 +6,7 @@
 //! set to the summed cumulative values (`absolute`), so a scrape sees monotonic counters.
 //!
 //! Metric names (all prefixed `lb_`): `frames_total`, `encapsulated_total`, `passed_total`,
-//! `icmp_too_big_sent_total`, `drops_total{reason}`, `backend_packets_total{vip,backend}`,
+//! `icmp_too_big_sent_total`, `snat_returned_total`, `drops_total{reason}`, `backend_packets_total{vip,backend}`,
 //! `backend_bytes_total{vip,backend}`, `vip_packets_total{vip}`, `vip_bytes_total{vip}`,
 //! `conntrack_entries{class}`, `conntrack_capacity`, `conntrack_evictions_total{cause}`,
 //! `conntrack_lookups_total{result}`, `conntrack_full_total`, `sent_total`, `send_failed_total`,
@@ -68,6 +68,7 @@ pub fn update(plane: &ControlPlane) {
     counter!("lb_frames_total").absolute(c.packets);
     counter!("lb_encapsulated_total").absolute(c.encapsulated);
     counter!("lb_passed_total").absolute(c.passed);
+    counter!("lb_snat_returned_total").absolute(c.snat_returned);
     counter!("lb_icmp_too_big_sent_total").absolute(c.icmp_too_big_sent);
     for reason in DropReason::ALL {
         counter!("lb_drops_total", "reason" => reason.name()).absolute(c.dropped(reason));

@@ -1,4 +1,4 @@
-//! `lb-dataplane`: packet I/O and the processes built on it, `lb mux` (and later `lb agent`).
+//! `lb-dataplane`: packet I/O and the processes built on it, `lb mux` and `lb agent`.
 //!
 //! - [`device`]: the [`device::Receiver`] / [`device::Transmitter`] traits the worker loop runs on.
 //! - [`afpacket`]: AF_PACKET TPACKET_V3 receive rings with `PACKET_FANOUT_HASH`.
@@ -8,16 +8,19 @@
 //! - [`sockdiag`]: `NETLINK_SOCK_DIAG` lookups of one TCP 4-tuple (does this host have it?).
 //! - [`memory`]: an in-memory device, so the whole worker loop runs under `cargo test` without
 //!   root.
-//! - [`worker`]: the worker loop: a batch in, [`lb_core::forward::process`] per frame, a flush out;
-//!   one snapshot per batch.
+//! - [`worker`]: the worker loop: a batch in, [`lb_core::forward::process_batch`] on it, a flush
+//!   out; one snapshot per batch.
 //! - [`control`]: the config in force, health and drain overrides, reloads, `status`.
 //! - [`socket`]: the control socket (Unix, 0600, line-delimited JSON) and its client.
 //! - [`exporter`]: the Prometheus metrics.
 //! - [`node`]: a running node (workers + control socket) on any devices; [`mux`]: `lb mux` on
 //!   AF_PACKET, with signals and the config-file watcher.
+//! - [`agent`]: the backend agent's decision (accept only muxes, the VIP check, daisy chaining);
+//!   [`agent_run`]: `lb agent` (TUN delivery, chaining, egress SNAT, status, metrics).
 //!
-//! Invariant to keep: nothing on the per-packet path allocates, locks or makes a syscall per
-//! packet.
+//! Invariant to keep: nothing on the mux's per-packet path allocates, locks or makes a syscall
+//! per packet. (The agent writes each delivered packet into a TUN, one `write` each: see
+//! [`tun`].)
 
 pub mod afpacket;
 pub mod agent;

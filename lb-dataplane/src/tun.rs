@@ -4,8 +4,8 @@
 //! **Why a TUN.** The agent receives IP-in-IP and GRE packets from the muxes and must hand the
 //! inner packet to the local TCP stack as if it had arrived from the client. In production the
 //! kernel's own `ipip` / `gre` devices do exactly that, without user space; this lab's kernel
-//! has neither (LAB.md: no modules can be loaded), so the agent decapsulates in user space (raw
-//! sockets for protocols 4 and 47) and injects the inner packet with a write on a TUN. A write
+//! has neither (and no modules can be loaded), so the agent decapsulates in user space (an
+//! AF_PACKET ring; raw sockets for protocols 4, 41 and 47 keep the kernel quiet) and injects the inner packet with a write on a TUN. A write
 //! on a TUN file descriptor is received by the kernel as if the packet had arrived on the
 //! device: `ip_rcv` / `ipv6_rcv`, then the route lookup, netfilter `PREROUTING` / `INPUT` and
 //! local delivery. With `IFF_NO_PI` the packets are bare IPv4 or IPv6 (the kernel picks the
@@ -24,7 +24,7 @@
 //! `ipip` / `gre` decapsulation instead of this module. Measure before relying on it for a
 //! high-rate backend.
 //!
-//! **Settings the host needs** (LAB.md, "Settings that matter"):
+//! **Settings the host needs** (each seen failing without it):
 //! - `rp_filter` **0 on the TUN and on `all`**. The effective value is the maximum of the two,
 //!   and the TUN has no IPv4 address, so with any non-zero value (strict *or* loose) the
 //!   kernel's source validation ends in its "device without address" branch and drops every

@@ -14,8 +14,9 @@
 //! the arena are decided and queued, so transmissions stay in arrival order.
 //!
 //! **Invariants.**
-//! - Per packet: no allocation, no lock, no syscall. Per batch: one snapshot load, one clock
-//!   read, one flush (at most one `sendmmsg` per address family), a `poll` when idle. The arenas
+//! - Per packet: no allocation, no lock, no syscall. Per batch: one snapshot load, a few clock
+//!   reads (vDSO, no syscall), one flush (one `sendmmsg` per address family, plus one more after
+//!   a refused packet), a `poll` when idle. The arenas
 //!   are allocated once per worker; the per-batch slice views are arrays on the stack.
 //! - Transmissions are queued in arrival order (Encap to its backend, SNAT return to the port's
 //!   owner, ICMP reply to its client), whatever mix of arena and long frames a batch holds:

@@ -550,3 +550,59 @@ pub fn captured(lab: &mut Lab, pid: u32) -> u64 {
     assert_eq!(count(" packets dropped by kernel"), 0, "{log}");
     count(" packets received by filter").max(count(" packets captured"))
 }
+
+/// A node (`lb mux` or `lb agent`) a test started: its pid, control socket and config file.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// The process.
+    pub pid: u32,
+    /// Its control socket.
+    pub socket: std::path::PathBuf,
+    /// Its config file.
+    pub config: std::path::PathBuf,
+}
+
+/// Writes `config_text` (with `SOCKET` replaced by the node's control socket path) to the lab's
+/// directory as `{name}.toml`, starts `lb {role} --config ... {extra_args}` in `ns`, and waits
+/// until its control socket answers `status` (failing with its log if it dies or takes 20 s).
+pub fn start_node(
+    lab: &mut Lab,
+    ns: &Namespace,
+    role: &str,
+    name: &str,
+    config_text: &str,
+    extra_args: &[&str],
+) -> Node {
+    let socket = lab.log_dir().join(format!("{name}.sock"));
+    let config = lab.log_dir().join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        config_text.replace("SOCKET", &format!("{socket:?}")),
+    )
+    .unwrap();
+    let pid = lab
+        .spawn(
+            ns,
+            Command::new(env!("CARGO_BIN_EXE_lb"))
+                .args([role, "--config"])
+                .arg(&config)
+                .args(extra_args)
+                .env("RUST_LOG", "info"),
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lb_dataplane::socket::request(&socket, &serde_json::json!({"command": "status"})).is_err()
+    {
+        assert!(
+            Instant::now() < deadline && lab.wait(pid, Duration::ZERO).is_none(),
+            "{name} did not start:\n{}",
+            lab.log(pid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Node {
+        pid,
+        socket,
+        config,
+    }
+}
