@@ -1,4 +1,5 @@
-//! Fuzzes the whole forwarding decision against a fixed snapshot: no input may panic, an
+//! Fuzzes the whole forwarding decision against a fixed snapshot (with SNAT return traffic and
+//! an open daisy-chaining window): no input may panic, an
 //! emitted packet fits the buffer, the must-stay-0 counter stays 0, and `process_batch` on the
 //! frame three times gives what three calls of `process` give.
 //! The first byte selects the link type (bit 0 clear: bare IP, set: Ethernet) and, with bit 1
@@ -48,11 +49,24 @@ const CONFIG: &str = r#"
     address = "2001:db8:21::2"
     [[vip.backend]]
     address = "198.18.23.2"
+    [[snat]]
+    address = "2001:db8:100::1"
+    first_port = 1024
 "#;
 
+/// The snapshot under test: SNAT return traffic on the IPv6 VIP's address, and an open
+/// daisy-chaining window on its GRE VIP (a backend was just added), so both paths are fuzzed.
 fn snapshot() -> &'static Snapshot {
     static SNAPSHOT: OnceLock<Snapshot> = OnceLock::new();
-    SNAPSHOT.get_or_init(|| Snapshot::compile(&Config::from_toml(CONFIG, "fuzz").expect("valid"), 1).expect("builds"))
+    SNAPSHOT.get_or_init(|| {
+        let config = Config::from_toml(CONFIG, "fuzz").expect("valid");
+        let mut before = config.clone();
+        before.vips[2].backends.pop();
+        let old = Snapshot::compile(&before, 1).expect("builds");
+        let mut snapshot = Snapshot::compile(&config, 2).expect("builds");
+        snapshot.chain_from(&old, u64::MAX);
+        snapshot
+    })
 }
 
 /// Rewrites the checksum of the IPv4 header at `at`, if there is a whole one there.

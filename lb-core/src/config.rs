@@ -486,18 +486,6 @@ impl Config {
                     ),
                 );
             }
-            if let Some((j, v)) = on_address
-                .iter()
-                .find(|(_, v)| on_address.first().is_some_and(|(_, f)| f.encap != v.encap))
-            {
-                fail(
-                    format!("{at}.address"),
-                    format!(
-                        "the VIPs on {} use different encapsulations (vip[{j}] {:?} uses {}): SNAT return traffic needs one",
-                        snat.address, v.name, v.encap
-                    ),
-                );
-            }
             for (j, v) in on_address {
                 let clash = match v.port {
                     PortSpec::All => true,

@@ -227,19 +227,25 @@ struct SnatReturn {
 }
 
 /// The SNAT return map of every `[[snat]]` section: the range split over the backends of the
-/// VIPs on its address, and a tunnel to each (the encapsulation those VIPs share; validation
-/// requires them to share one).
+/// VIPs on its address, and a tunnel to each (GRE if a VIP on the address uses GRE, else
+/// IP-in-IP).
 fn snat_returns(config: &Config, node: &NodeSettings) -> Vec<SnatReturn> {
     config
         .snats
         .iter()
         .map(|c| {
             let ranges = PortRanges::build(c, &config.snat_backends(c.address));
-            let encap = config
+            // GRE if any VIP on the address uses it (GRE carries either family), else IP-in-IP:
+            // a choice that does not depend on the order of the VIPs in the file.
+            let encap = if config
                 .vips
                 .iter()
-                .find(|v| v.address == c.address)
-                .map_or(Encap::Ipip, |v| v.encap);
+                .any(|v| v.address == c.address && v.encap == Encap::Gre)
+            {
+                Encap::Gre
+            } else {
+                Encap::Ipip
+            };
             let tunnels = ranges
                 .backends()
                 .iter()
