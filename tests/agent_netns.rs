@@ -7,14 +7,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::SocketAddrV4;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use lb::netns::{Lab, Namespace, require_root};
+use lb::netns::{Lab, require_root};
 use lb::topology::{Fleet, FleetPlan};
 use lb_dataplane::socket::request;
 use serde_json::{Value, json};
@@ -41,89 +40,6 @@ fn vips_toml(backends: usize) -> String {
 
 /// An HTTP/1.0 server on VIP:port in `ns`, answering every request with `body` (repeated to
 /// `size` bytes) after reading the request (headers and any body up to `Content-Length`).
-fn http_server(ns: &Namespace, port: u16, body: String, stop: Arc<AtomicBool>) {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    ns.enter(move || {
-        let listener = TcpListener::bind(SocketAddrV4::new(Fleet::VIP, port)).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        ready_tx.send(()).unwrap();
-        while !stop.load(Ordering::Relaxed) {
-            let Ok((mut conn, _)) = listener.accept() else {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            };
-            let body = body.clone();
-            std::thread::spawn(move || {
-                conn.set_nonblocking(false).unwrap();
-                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let mut request = Vec::new();
-                let mut buf = [0u8; 16384];
-                loop {
-                    let Ok(n) = conn.read(&mut buf) else { return };
-                    if n == 0 {
-                        return;
-                    }
-                    request.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&request);
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let want = text[..end]
-                            .lines()
-                            .find_map(|l| l.strip_prefix("Content-Length: "))
-                            .and_then(|v| v.trim().parse::<usize>().ok())
-                            .unwrap_or(0);
-                        if request.len() >= end + 4 + want {
-                            break;
-                        }
-                    }
-                }
-                let reply = body.repeat(2000);
-                let _ = write!(
-                    conn,
-                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{reply}",
-                    reply.len()
-                );
-            });
-        }
-    });
-    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-}
-
-/// One HTTP request with a 20 kB body (full-size segments through the tunnel); returns the
-/// first line of the body (the backend's name).
-fn http_get(client: &Namespace, port: u16) -> Result<String, String> {
-    client
-        .enter(move || {
-            let mut c = TcpStream::connect_timeout(
-                &SocketAddrV4::new(Fleet::VIP, port).into(),
-                Duration::from_secs(5),
-            )
-            .map_err(|e| format!("connect: {e}"))?;
-            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let upload = "x".repeat(20_000);
-            write!(
-                c,
-                "POST / HTTP/1.0\r\nContent-Length: {}\r\n\r\n{upload}",
-                upload.len()
-            )
-            .map_err(|e| format!("send: {e}"))?;
-            let mut answer = String::new();
-            c.read_to_string(&mut answer)
-                .map_err(|e| format!("receive: {e}"))?;
-            let (head, body) = answer.split_once("\r\n\r\n").ok_or("no header end")?;
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("Content-Length: "))
-                .and_then(|v| v.parse().ok())
-                .ok_or("no length")?;
-            if body.len() != length {
-                return Err(format!("short body: {} of {length}", body.len()));
-            }
-            Ok(body.lines().next().unwrap_or("").to_owned())
-        })
-        .join()
-        .unwrap()
-}
-
 #[test]
 fn real_tcp_through_two_muxes_with_direct_server_return() {
     require_root("agent_netns::real_tcp_through_two_muxes_with_direct_server_return");
@@ -182,9 +98,9 @@ fn real_tcp_through_two_muxes_with_direct_server_return() {
     let stop = Arc::new(AtomicBool::new(false));
     for j in 1..=2 {
         for port in [PORT_IPIP, PORT_GRE] {
-            http_server(
+            common::http_server(
                 &fleet.backends[j - 1],
-                port,
+                SocketAddrV4::new(Fleet::VIP, port).into(),
                 format!("be{j}\n"),
                 Arc::clone(&stop),
             );
@@ -211,14 +127,15 @@ fn real_tcp_through_two_muxes_with_direct_server_return() {
     let mut answers: BTreeMap<(u16, String), u32> = BTreeMap::new();
     for port in [PORT_IPIP, PORT_GRE] {
         for _ in 0..30 {
-            let who = http_get(&fleet.client, port).unwrap_or_else(|e| {
-                panic!(
-                    "request to port {port} failed: {e}\nagent1: {}\nmux1: {}",
-                    request(&agents[0].1, &json!({"command": "status"}))
-                        .map_or(String::new(), |v| v.to_string()),
-                    lab.log(agents[0].0)
-                )
-            });
+            let who = common::http_get(&fleet.client, SocketAddrV4::new(Fleet::VIP, port).into())
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "request to port {port} failed: {e}\nagent1: {}\nmux1: {}",
+                        request(&agents[0].1, &json!({"command": "status"}))
+                            .map_or(String::new(), |v| v.to_string()),
+                        lab.log(agents[0].0)
+                    )
+                });
             *answers.entry((port, who)).or_default() += 1;
         }
     }
@@ -258,7 +175,7 @@ fn real_tcp_through_two_muxes_with_direct_server_return() {
     let spoof = common_spoof();
     fleet
         .client
-        .enter(move || send_raw(&spoof, Fleet::backend_address(1)))
+        .enter(move || common::send_raw(&spoof, Fleet::backend_address(1).into()))
         .join()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -293,37 +210,4 @@ fn common_spoof() -> Vec<u8> {
     outer[10..12].copy_from_slice(&sum.to_be_bytes());
     outer.extend_from_slice(&inner);
     outer
-}
-
-fn send_raw(packet: &[u8], to: Ipv4Addr) {
-    // SAFETY: plain socket(2); checked below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-    let address = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(to).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: sendto reads `packet` and `address` during the call; `fd` is ours.
-    let n = unsafe {
-        libc::sendto(
-            fd,
-            packet.as_ptr().cast(),
-            packet.len(),
-            0,
-            (&raw const address).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    // SAFETY: closes the descriptor opened above, once.
-    unsafe { libc::close(fd) };
-    assert_eq!(
-        n,
-        packet.len() as isize,
-        "{}",
-        std::io::Error::last_os_error()
-    );
 }

@@ -14,13 +14,13 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use lb::netns::{Lab, Namespace, require_root};
+use lb::netns::{Lab, require_root};
 use lb::topology::{Fleet, FleetPlan};
 use lb_dataplane::socket::request;
 use serde_json::{Value, json};
@@ -81,88 +81,6 @@ fn vips_toml(services: &[Service], outer: Outer, backends: usize) -> String {
         }
     }
     s
-}
-
-/// An HTTP/1.0 server on `at` in `ns`, answering every request with `body` repeated 2000
-/// times, after reading the request (headers and any body up to `Content-Length`).
-fn http_server(ns: &Namespace, at: SocketAddr, body: String, stop: Arc<AtomicBool>) {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    ns.enter(move || {
-        let listener = TcpListener::bind(at).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        ready_tx.send(()).unwrap();
-        while !stop.load(Ordering::Relaxed) {
-            let Ok((mut conn, _)) = listener.accept() else {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            };
-            let body = body.clone();
-            std::thread::spawn(move || {
-                conn.set_nonblocking(false).unwrap();
-                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let mut request = Vec::new();
-                let mut buf = [0u8; 16384];
-                loop {
-                    let Ok(n) = conn.read(&mut buf) else { return };
-                    if n == 0 {
-                        return;
-                    }
-                    request.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&request);
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let want = text[..end]
-                            .lines()
-                            .find_map(|l| l.strip_prefix("Content-Length: "))
-                            .and_then(|v| v.trim().parse::<usize>().ok())
-                            .unwrap_or(0);
-                        if request.len() >= end + 4 + want {
-                            break;
-                        }
-                    }
-                }
-                let reply = body.repeat(2000);
-                let _ = write!(
-                    conn,
-                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{reply}",
-                    reply.len()
-                );
-            });
-        }
-    });
-    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-}
-
-/// One HTTP request with a 20 kB body (full-size segments through the tunnel); returns the
-/// first line of the body (the backend's name).
-fn http_get(client: &Namespace, to: SocketAddr) -> Result<String, String> {
-    client
-        .enter(move || {
-            let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(5))
-                .map_err(|e| format!("connect: {e}"))?;
-            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let upload = "x".repeat(20_000);
-            write!(
-                c,
-                "POST / HTTP/1.0\r\nContent-Length: {}\r\n\r\n{upload}",
-                upload.len()
-            )
-            .map_err(|e| format!("send: {e}"))?;
-            let mut answer = String::new();
-            c.read_to_string(&mut answer)
-                .map_err(|e| format!("receive: {e}"))?;
-            let (head, body) = answer.split_once("\r\n\r\n").ok_or("no header end")?;
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("Content-Length: "))
-                .and_then(|v| v.parse().ok())
-                .ok_or("no length")?;
-            if body.len() != length {
-                return Err(format!("short body: {} of {length}", body.len()));
-            }
-            Ok(body.lines().next().unwrap_or("").to_owned())
-        })
-        .join()
-        .unwrap()
 }
 
 fn status(socket: &Path) -> Value {
@@ -292,7 +210,7 @@ fn scenario(
     let stop = Arc::new(AtomicBool::new(false));
     for j in 1..=2 {
         for svc in services {
-            http_server(
+            common::http_server(
                 &fleet.backends[j - 1],
                 SocketAddr::new(svc.vip, svc.port),
                 format!("be{j}\n"),
@@ -317,8 +235,8 @@ fn scenario(
     let mut answers: BTreeMap<(&str, String), u32> = BTreeMap::new();
     for svc in services {
         for _ in 0..REQUESTS {
-            let who =
-                http_get(&fleet.client, SocketAddr::new(svc.vip, svc.port)).unwrap_or_else(|e| {
+            let who = common::http_get(&fleet.client, SocketAddr::new(svc.vip, svc.port))
+                .unwrap_or_else(|e| {
                     panic!(
                         "request to {} ([{}]:{}) failed: {e}\nagent1: {}\nagent1 log: {}",
                         svc.name,
@@ -438,7 +356,7 @@ fn ipv6_vips_through_two_muxes_over_ipv6_outer_headers() {
     let spoof = spoofed_6in6();
     fleet
         .client
-        .enter(move || send_raw6(&spoof, Fleet::backend_address_v6(1)))
+        .enter(move || common::send_raw(&spoof, Fleet::backend_address_v6(1).into()))
         .join()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -592,39 +510,4 @@ fn spoofed_6in6() -> Vec<u8> {
     outer[24..40].copy_from_slice(&Fleet::backend_address_v6(1).octets());
     outer.extend_from_slice(&inner);
     outer
-}
-
-/// Sends a whole IPv6 packet (header included) on a raw `IPPROTO_RAW` socket.
-fn send_raw6(packet: &[u8], to: Ipv6Addr) {
-    // SAFETY: plain socket(2); checked below.
-    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-    let address = libc::sockaddr_in6 {
-        sin6_family: libc::AF_INET6 as u16,
-        sin6_port: 0,
-        sin6_flowinfo: 0,
-        sin6_addr: libc::in6_addr {
-            s6_addr: to.octets(),
-        },
-        sin6_scope_id: 0,
-    };
-    // SAFETY: sendto reads `packet` and `address` during the call; `fd` is ours.
-    let n = unsafe {
-        libc::sendto(
-            fd,
-            packet.as_ptr().cast(),
-            packet.len(),
-            0,
-            (&raw const address).cast(),
-            size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-        )
-    };
-    // SAFETY: closes the descriptor opened above, once.
-    unsafe { libc::close(fd) };
-    assert_eq!(
-        n,
-        packet.len() as isize,
-        "{}",
-        std::io::Error::last_os_error()
-    );
 }

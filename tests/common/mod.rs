@@ -12,7 +12,8 @@
 )]
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -605,4 +606,96 @@ pub fn start_node(
         socket,
         config,
     }
+}
+
+/// An HTTP/1.0 server on `at` in `ns`, answering every request with `body` repeated 2000
+/// times, after reading the request (headers and any body up to `Content-Length`).
+pub fn http_server(ns: &Namespace, at: SocketAddr, body: String, stop: Arc<AtomicBool>) {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    ns.enter(move || {
+        let listener = TcpListener::bind(at).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        ready_tx.send(()).unwrap();
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((mut conn, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            let body = body.clone();
+            std::thread::spawn(move || {
+                conn.set_nonblocking(false).unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut request = Vec::new();
+                let mut buf = [0u8; 16384];
+                loop {
+                    let Ok(n) = conn.read(&mut buf) else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request);
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let want = text[..end]
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Content-Length: "))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if request.len() >= end + 4 + want {
+                            break;
+                        }
+                    }
+                }
+                let reply = body.repeat(2000);
+                let _ = write!(
+                    conn,
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{reply}",
+                    reply.len()
+                );
+            });
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+}
+
+/// One HTTP request with a 20 kB body (full-size segments through the tunnel); returns the
+/// first line of the body (the backend's name).
+pub fn http_get(client: &Namespace, to: SocketAddr) -> Result<String, String> {
+    client
+        .enter(move || {
+            let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+                .map_err(|e| format!("connect: {e}"))?;
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let upload = "x".repeat(20_000);
+            write!(
+                c,
+                "POST / HTTP/1.0\r\nContent-Length: {}\r\n\r\n{upload}",
+                upload.len()
+            )
+            .map_err(|e| format!("send: {e}"))?;
+            let mut answer = String::new();
+            c.read_to_string(&mut answer)
+                .map_err(|e| format!("receive: {e}"))?;
+            let (head, body) = answer.split_once("\r\n\r\n").ok_or("no header end")?;
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|v| v.parse().ok())
+                .ok_or("no length")?;
+            if body.len() != length {
+                return Err(format!("short body: {} of {length}", body.len()));
+            }
+            Ok(body.lines().next().unwrap_or("").to_owned())
+        })
+        .join()
+        .unwrap()
+}
+
+/// Sends one whole IP packet (its header included, either family) from the calling thread's
+/// namespace, with the product's own raw-socket transmitter.
+pub fn send_raw(packet: &[u8], to: IpAddr) {
+    use lb_dataplane::device::Transmitter;
+    let mut tx = lb_dataplane::rawip::RawIpTransmitter::open(1).expect("raw sockets");
+    tx.queue(packet, to).expect("queued");
+    let report = tx.flush().expect("flushed");
+    assert_eq!(report.sent, 1, "not sent: {:?}", tx.errors());
 }
