@@ -115,27 +115,6 @@ fn frame(dst_mac: [u8; 6], src_mac: [u8; 6], sport: u16) -> Vec<u8> {
     f
 }
 
-fn mac_of(ns: &Namespace, ifname: &str) -> io::Result<[u8; 6]> {
-    let out = ns.ip(&["-j", "link", "show", "dev", ifname])?;
-    let v: serde_json::Value = serde_json::from_str(&out).map_err(io::Error::other)?;
-    let text = v[0]["address"]
-        .as_str()
-        .ok_or_else(|| io::Error::other(format!("no MAC address for {ifname}: {out}")))?;
-    let mut mac = [0u8; 6];
-    for (byte, part) in mac.iter_mut().zip(text.split(':')) {
-        *byte = u8::from_str_radix(part, 16).map_err(io::Error::other)?;
-    }
-    Ok(mac)
-}
-
-fn rx_packets(ns: &Namespace, ifname: &str) -> io::Result<u64> {
-    let out = ns.ip(&["-j", "-s", "link", "show", "dev", ifname])?;
-    let v: serde_json::Value = serde_json::from_str(&out).map_err(io::Error::other)?;
-    v[0]["stats64"]["rx"]["packets"]
-        .as_u64()
-        .ok_or_else(|| io::Error::other(format!("no rx counter for {ifname}: {out}")))
-}
-
 struct Topology {
     sender: Namespace,
     mux: Namespace,
@@ -157,7 +136,7 @@ fn build(lab: &mut Lab, flows: u16) -> io::Result<Topology> {
         VethEnd::new(&sink, "k0", "198.18.41.2/24"),
         1600,
     )?;
-    let sink_mac = mac_of(&sink, "k0")?;
+    let sink_mac = sink.mac("k0")?;
     let mac_text: Vec<String> = sink_mac.iter().map(|b| format!("{b:02x}")).collect();
     mux.ip(&[
         "neigh",
@@ -179,8 +158,8 @@ fn build(lab: &mut Lab, flows: u16) -> io::Result<Topology> {
         "dev",
         "m-out",
     ])?;
-    let mux_mac = mac_of(&mux, "m-in")?;
-    let sender_mac = mac_of(&sender, "s0")?;
+    let mux_mac = mux.mac("m-in")?;
+    let sender_mac = sender.mac("s0")?;
     let frames = (0..flows.max(1))
         .map(|i| frame(mux_mac, sender_mac, 10_000 + i))
         .collect();
@@ -209,7 +188,7 @@ fn mux_config(dir: &Path, workers: usize) -> io::Result<std::path::PathBuf> {
 
 /// One sender run: (delivered pps, offered pps).
 fn measure(t: &Topology, duration: Duration) -> io::Result<(f64, f64)> {
-    let before = rx_packets(&t.sink, "k0")?;
+    let before = t.sink.rx_packets("k0")?;
     let frames = t.frames.clone();
     let sent = t
         .sender
@@ -218,7 +197,7 @@ fn measure(t: &Topology, duration: Duration) -> io::Result<(f64, f64)> {
         .map_err(|_| io::Error::other("sender thread panicked"))??;
     // Let the last packets drain through the mux.
     std::thread::sleep(Duration::from_millis(200));
-    let after = rx_packets(&t.sink, "k0")?;
+    let after = t.sink.rx_packets("k0")?;
     let secs = sent.elapsed.as_secs_f64().max(1e-9);
     Ok(((after - before) as f64 / secs, sent.packets as f64 / secs))
 }

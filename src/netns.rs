@@ -122,6 +122,43 @@ impl Namespace {
         run_checked("ip", &full)
     }
 
+    /// The MAC address of interface `ifname`.
+    pub fn mac(&self, ifname: &str) -> io::Result<[u8; 6]> {
+        let link = self.link_json(ifname, &["-j", "link", "show", "dev", ifname])?;
+        let text = link["address"]
+            .as_str()
+            .ok_or_else(|| io::Error::other(format!("no MAC address for {ifname}: {link}")))?;
+        let mut mac = [0u8; 6];
+        let parts: Vec<&str> = text.split(':').collect();
+        if parts.len() != mac.len() {
+            return Err(io::Error::other(format!(
+                "{ifname}: odd MAC address {text}"
+            )));
+        }
+        for (byte, part) in mac.iter_mut().zip(parts) {
+            *byte = u8::from_str_radix(part, 16).map_err(io::Error::other)?;
+        }
+        Ok(mac)
+    }
+
+    /// Packets received so far on interface `ifname` (its 64-bit counter).
+    pub fn rx_packets(&self, ifname: &str) -> io::Result<u64> {
+        let link = self.link_json(ifname, &["-j", "-s", "link", "show", "dev", ifname])?;
+        link["stats64"]["rx"]["packets"]
+            .as_u64()
+            .ok_or_else(|| io::Error::other(format!("no rx counter for {ifname}: {link}")))
+    }
+
+    /// The one link `ip -j ... link show dev ifname` describes.
+    fn link_json(&self, ifname: &str, args: &[&str]) -> io::Result<serde_json::Value> {
+        let out = self.ip(args)?;
+        let mut all: serde_json::Value = serde_json::from_str(&out).map_err(io::Error::other)?;
+        match all.get_mut(0) {
+            Some(link) => Ok(link.take()),
+            None => Err(io::Error::other(format!("no link {ifname}: {out}"))),
+        }
+    }
+
     /// Runs `f` on a new thread that has first joined this namespace (`setns(CLONE_NEWNET)`):
     /// sockets `f` opens live in the namespace. Only that thread changes namespace.
     ///

@@ -476,8 +476,8 @@ fn bad_frames_on_the_wire_are_counted_and_dropped() {
     )
     .unwrap();
     let mux = start_mux(&mut lab, &fleet.muxes[0], 1, &[1]);
-    let mux_mac = mac(&fleet.muxes[0], "m0");
-    let router_mac = mac(&fleet.router, "r-m1");
+    let mux_mac = fleet.muxes[0].mac("m0").unwrap();
+    let router_mac = fleet.router.mac("r-m1").unwrap();
     let good = udp_frame(mux_mac, router_mac, 17, 40_000);
     let mut bad_checksum = good.clone();
     bad_checksum[24] ^= 0xff;
@@ -547,19 +547,6 @@ fn bad_frames_on_the_wire_are_counted_and_dropped() {
         lab.wait(mux.pid, Duration::ZERO).is_none(),
         "the node is alive"
     );
-}
-
-fn mac(ns: &Namespace, ifname: &str) -> [u8; 6] {
-    let out = ns.ip(&["-j", "link", "show", "dev", ifname]).unwrap();
-    let v: Value = serde_json::from_str(&out).unwrap();
-    let mut mac = [0u8; 6];
-    for (b, part) in mac
-        .iter_mut()
-        .zip(v[0]["address"].as_str().unwrap().split(':'))
-    {
-        *b = u8::from_str_radix(part, 16).unwrap();
-    }
-    mac
 }
 
 /// An Ethernet/IPv4 frame from the router to the VIP with `protocol` and a UDP-like header.

@@ -51,17 +51,6 @@ fn alive(pid: u32) -> bool {
     }
 }
 
-/// Packets received so far on `ifname` in `ns`.
-fn rx_packets(ns: &Namespace, ifname: &str) -> u64 {
-    let out = ns
-        .exec_checked(
-            "cat",
-            &[&format!("/sys/class/net/{ifname}/statistics/rx_packets")],
-        )
-        .expect("rx_packets");
-    out.trim().parse().expect("a counter")
-}
-
 #[test]
 fn fleet_forwards_client_to_backend_through_the_router() {
     let (_lab, fleet) = fleet(
@@ -137,11 +126,13 @@ fn fleet_forwards_client_to_backend_through_the_router() {
     }
 
     // VIP traffic is spread over both muxes by the L4 hash; their kernels drop it.
-    let before: Vec<u64> = (1..=2).map(|i| rx_packets(fleet.mux(i), "m0")).collect();
+    let before: Vec<u64> = (1..=2)
+        .map(|i| fleet.mux(i).rx_packets("m0").unwrap())
+        .collect();
     udp_flows(&fleet.client, Fleet::VIP, 5000, 64, 2).expect("send to VIP");
     std::thread::sleep(Duration::from_millis(200));
     let delta: Vec<u64> = (1..=2)
-        .map(|i| rx_packets(fleet.mux(i), "m0") - before[i - 1])
+        .map(|i| fleet.mux(i).rx_packets("m0").unwrap() - before[i - 1])
         .collect();
     assert!(
         delta.iter().all(|&d| d > 0) && delta.iter().sum::<u64>() >= 128,
@@ -184,11 +175,13 @@ fn resilient_group_sends_everything_to_the_remaining_mux() {
     assert!(group.contains("resilient"), "{group}");
 
     fleet.route_vip_via(&[2]).unwrap();
-    let before: Vec<u64> = (1..=2).map(|i| rx_packets(fleet.mux(i), "m0")).collect();
+    let before: Vec<u64> = (1..=2)
+        .map(|i| fleet.mux(i).rx_packets("m0").unwrap())
+        .collect();
     udp_flows(&fleet.client, Fleet::VIP, 5000, 32, 2).expect("send to VIP");
     std::thread::sleep(Duration::from_millis(200));
     let delta: Vec<u64> = (1..=2)
-        .map(|i| rx_packets(fleet.mux(i), "m0") - before[i - 1])
+        .map(|i| fleet.mux(i).rx_packets("m0").unwrap() - before[i - 1])
         .collect();
     // Mux 1 may see a little link noise (IPv6 neighbour discovery), never the 64 datagrams.
     assert!(delta[1] >= 64 && delta[0] < 8, "{delta:?}");
