@@ -9,7 +9,7 @@ use std::io::Write;
 use anyhow::{Result, bail};
 use comfy_table::{CellAlignment, Table, presets::NOTHING};
 use lb_core::config::{Config, VipConfig};
-use lb_core::maglev::{MaglevTable, TableDiff};
+use lb_core::maglev::{MaglevTable, TableDiff, fingerprint_hex};
 use serde_json::{Value, json};
 
 /// One VIP's table with the figures `lb table` reports.
@@ -59,7 +59,7 @@ impl<'a> VipReport<'a> {
             "port": self.vip.port.to_string(),
             "encap": self.vip.encap.to_string(),
             "table_size": self.table.size(),
-            "fingerprint": format!("{:#018x}", self.table.fingerprint()),
+            "fingerprint": fingerprint_hex(self.table.fingerprint()),
             "max_over_min": self.max_over_min(),
             "backends": backends,
         })
@@ -69,14 +69,14 @@ impl<'a> VipReport<'a> {
         let vip = self.vip;
         writeln!(
             out,
-            "VIP {} {} {}/{} encap {}, table size {}, fingerprint {:#018x}",
+            "VIP {} {} {}/{} encap {}, table size {}, fingerprint {}",
             vip.name,
             vip.address,
             vip.protocol,
             vip.port,
             vip.encap,
             self.table.size(),
-            self.table.fingerprint()
+            fingerprint_hex(self.table.fingerprint())
         )?;
         let mut t = Table::new();
         t.load_style(NOTHING)
@@ -187,8 +187,8 @@ pub fn diff(old: &Config, new: &Config, as_json: bool, out: &mut dyn Write) -> R
                 json!({
                     "name": name,
                     "status": status,
-                    "old_fingerprint": fa.map(|f| format!("{f:#018x}")),
-                    "new_fingerprint": fb.map(|f| format!("{f:#018x}")),
+                    "old_fingerprint": fa.map(fingerprint_hex),
+                    "new_fingerprint": fb.map(fingerprint_hex),
                     "old_table_size": d.old_size,
                     "new_table_size": d.new_size,
                     "changed_slots": d.changed_slots,

@@ -871,6 +871,13 @@ fn inverse_mod(a: u32, m: u32) -> u32 {
     old_s.rem_euclid(i64::from(m)) as u32
 }
 
+/// A table fingerprint as operators see it everywhere (`lb table`, `lb status`, metrics):
+/// `0x` and 16 hex digits.
+#[must_use]
+pub fn fingerprint_hex(fingerprint: u64) -> String {
+    format!("{fingerprint:#018x}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,7 @@ use std::time::Instant;
 use lb_core::config::Config;
 use lb_core::forward::DropReason;
 use lb_core::hash::xxh3;
+use lb_core::maglev::fingerprint_hex;
 use lb_core::snapshot::Snapshot;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -160,10 +161,6 @@ fn warn_restart_only(old: &Config, new: &Config) {
             );
         }
     }
-}
-
-fn fingerprint_hex(f: u64) -> String {
-    format!("{f:#018x}")
 }
 
 impl ControlPlane {
@@ -419,6 +416,13 @@ impl ControlPlane {
             totals.add(id, &r);
         }
         totals
+    }
+
+    /// Reloads from the file so far: (accepted, rejected).
+    #[must_use]
+    pub fn reloads(&self) -> (u64, u64) {
+        let inner = self.lock();
+        (inner.reloads_ok, inner.reloads_failed)
     }
 
     /// The answer to `status`.

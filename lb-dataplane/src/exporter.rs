@@ -23,6 +23,7 @@ use std::thread;
 use std::time::Duration;
 
 use lb_core::forward::DropReason;
+use lb_core::maglev::fingerprint_hex;
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use metrics_util::MetricKindMask;
@@ -63,7 +64,6 @@ pub fn start(plane: Arc<ControlPlane>, address: SocketAddr) -> Result<(), String
 /// Copies the current sums into the registry.
 pub fn update(plane: &ControlPlane) {
     let totals = plane.totals();
-    let status = plane.status();
     let c = &totals.counters;
     counter!("lb_frames_total").absolute(c.packets);
     counter!("lb_encapsulated_total").absolute(c.encapsulated);
@@ -102,14 +102,13 @@ pub fn update(plane: &ControlPlane) {
     counter!("lb_send_failed_total").absolute(totals.send_failed);
     counter!("lb_kernel_drops_total").absolute(totals.kernel_drops);
     counter!("lb_device_errors_total").absolute(totals.device_errors);
-    counter!("lb_reloads_total", "result" => "ok")
-        .absolute(status["reloads"]["ok"].as_u64().unwrap_or(0));
-    counter!("lb_reloads_total", "result" => "failed")
-        .absolute(status["reloads"]["failed"].as_u64().unwrap_or(0));
+    let (reloads_ok, reloads_failed) = plane.reloads();
+    counter!("lb_reloads_total", "result" => "ok").absolute(reloads_ok);
+    counter!("lb_reloads_total", "result" => "failed").absolute(reloads_failed);
     let snapshot = plane.shared().snapshot.load();
     gauge!("lb_config_generation").set(snapshot.generation as f64);
     for vip in &snapshot.vips {
-        gauge!("lb_table_info", "vip" => vip.name.clone(), "fingerprint" => format!("{:#018x}", vip.fingerprint))
+        gauge!("lb_table_info", "vip" => vip.name.clone(), "fingerprint" => fingerprint_hex(vip.fingerprint))
             .set(1.0);
     }
     for w in &totals.workers {
