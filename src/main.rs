@@ -13,6 +13,7 @@ use lb_dataplane::agent_run::{self, AgentOptions};
 use lb_dataplane::control::render_status;
 use lb_dataplane::mux::{self, MuxOptions};
 use lb_dataplane::socket::request;
+use lb_healthcheck::sidecar::{self, SidecarOptions};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -73,7 +74,27 @@ enum Command {
         #[arg(long)]
         no_metrics: bool,
     },
-    /// Show a running node's state: generation, table fingerprints, backends, counters.
+    /// Run the health-check sidecar next to a mux: probe every backend (service and agent),
+    /// push health to the muxes' control sockets, announce or withdraw the VIPs by BGP
+    /// (ExaBGP: run it as ExaBGP's API process; BIRD: through birdc). Stops on SIGTERM, after
+    /// withdrawing.
+    Healthcheck {
+        /// The config file (the mux's, with [healthcheck] and [vip.check] sections).
+        #[arg(long)]
+        config: PathBuf,
+        /// The sidecar's control socket (default: healthcheck.control_socket, or
+        /// /run/lb/<node name>-healthcheck.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Where the Prometheus exporter listens (default: healthcheck.metrics_address).
+        #[arg(long, conflicts_with = "no_metrics")]
+        metrics: Option<SocketAddr>,
+        /// Do not start the Prometheus exporter.
+        #[arg(long)]
+        no_metrics: bool,
+    },
+    /// Show a running node's state (mux, agent or health checker): generation, table
+    /// fingerprints, backends, health, counters.
     Status {
         #[command(flatten)]
         socket: SocketArgs,
@@ -301,10 +322,27 @@ fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             };
             agent_run::run(&options).map_err(|e| anyhow::anyhow!(e))?;
         }
+        Command::Healthcheck {
+            config,
+            socket,
+            metrics,
+            no_metrics,
+        } => {
+            init_logs();
+            let options = SidecarOptions {
+                config,
+                control_socket: socket,
+                metrics_address: metrics,
+                no_metrics,
+            };
+            sidecar::run(&options).map_err(|e| anyhow::anyhow!(e))?;
+        }
         Command::Status { socket, json } => {
             let answer = request(&socket.path()?, &json!({"command": "status"}))?;
             if json {
                 writeln!(out, "{answer:#}")?;
+            } else if answer["role"] == "healthcheck" {
+                write!(out, "{}", sidecar::render_status(&answer))?;
             } else {
                 write!(out, "{}", render_status(&answer))?;
             }

@@ -127,6 +127,51 @@ fn check_config_names_file_field_and_reason_for_every_problem() {
 }
 
 #[test]
+fn bad_health_check_config_is_rejected_with_the_field_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = fs::read_to_string(config_path("lab-fleet.toml")).unwrap();
+    let agent_of_nobody =
+        "\n[[healthcheck.agent]]\nbackend = \"198.18.29.2\"\naddress = \"198.18.1.9\"\n";
+    for (name, bad, expected) in [
+        (
+            "type.toml",
+            text.replacen("type = \"http\"", "type = \"icmp\"", 1),
+            "vip[0].check.type: unknown variant `icmp`, expected one of `tcp`, `http`, `udp`",
+        ),
+        (
+            "timeout.toml",
+            text.replacen("timeout_ms = 500", "timeout_ms = 1000", 1),
+            "vip[0].check.timeout_ms: the timeout (1000 ms) must be shorter than the interval (1000 ms)",
+        ),
+        (
+            "orphan.toml",
+            text.clone() + agent_of_nobody,
+            "healthcheck.agent[0].backend: 198.18.29.2 is listed under no VIP",
+        ),
+        (
+            "bird.toml",
+            text.replacen("{ \"198.18.100.1\" = \"vip4\" }", "{}", 1),
+            "healthcheck.bgp.bird_protocols: VIP address 198.18.100.1 has no BIRD protocol",
+        ),
+    ] {
+        assert_ne!(bad, text, "{name}: the edit did not apply");
+        let path = temp_config(&dir, name, &bad);
+        for command in [
+            &["check-config", &path][..],
+            &["healthcheck", "--config", &path, "--no-metrics"][..],
+        ] {
+            let o = lb(command);
+            assert_clean_failure(&o);
+            let said = stdout(&o) + &stderr(&o);
+            assert!(
+                said.contains(&format!("{path}: {expected}")),
+                "{command:?}: missing {expected:?} in:\n{said}"
+            );
+        }
+    }
+}
+
+#[test]
 fn check_config_checks_every_file_and_fails_if_any_fails() {
     let dir = tempfile::tempdir().unwrap();
     let bad = temp_config(&dir, "empty.toml", "");

@@ -44,6 +44,9 @@ pub struct Config {
     /// The backend agent's settings (`lb agent`); muxes ignore them.
     #[serde(default)]
     pub agent: Option<AgentConfig>,
+    /// The health-check sidecar's settings (`lb healthcheck`); muxes and agents ignore them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<crate::check::HealthcheckConfig>,
 }
 
 /// Settings of `lb agent` on a backend host. The host's own address (its identity in the VIPs'
@@ -69,6 +72,10 @@ pub struct AgentConfig {
     /// in table 4242). Empty: no egress SNAT from this host.
     #[serde(default)]
     pub egress: Vec<ipnet::IpNet>,
+    /// Where the agent answers `GET /healthz` (200 while its packet loop runs, 503 otherwise),
+    /// for the health-check sidecars of the muxes. Absent: no health endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_address: Option<SocketAddr>,
 }
 
 /// Settings of the node running `lb`: where it sends from and how it treats traffic.
@@ -156,6 +163,10 @@ pub struct VipConfig {
     /// The backends.
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+    /// The health check of every backend of this VIP (`lb healthcheck`). Absent: the backends'
+    /// service is not probed (only their agents, if `[healthcheck.agent_check]` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<crate::check::CheckConfig>,
 }
 
 /// A backend host of a VIP.
@@ -424,6 +435,9 @@ impl Config {
             agent.validate(&mut fail);
         }
         self.validate_snat(&mut fail);
+        if let Some(healthcheck) = &self.healthcheck {
+            healthcheck.validate_into(&self.vips, &mut fail);
+        }
         let mut names: BTreeMap<&str, usize> = BTreeMap::new();
         for (i, vip) in self.vips.iter().enumerate() {
             let at = format!("vip[{i}]");
@@ -686,6 +700,15 @@ impl VipConfig {
     fn validate(&self, at: &str, node: &NodeConfig, fail: &mut impl FnMut(String, String)) {
         if self.name.trim().is_empty() {
             fail(format!("{at}.name"), "the VIP name is empty".into());
+        }
+        if let Some(check) = &self.check {
+            check.validate_into(&format!("{at}.check"), fail);
+            if check.port.is_none() && self.port == PortSpec::All {
+                fail(
+                    format!("{at}.check.port"),
+                    "the VIP serves every port: name the port to probe".into(),
+                );
+            }
         }
         if let Some(why) = unusable_unicast(self.address) {
             fail(

@@ -7,6 +7,7 @@
 //! - [`flow`]: [`FlowKey`], the 5-tuple of a packet, and its fleet-stable hash.
 //! - [`maglev`]: weighted Maglev lookup tables (NSDI 2016 §3.4), their fingerprint and diff.
 //! - [`config`]: the TOML configuration model and its validation.
+//! - [`check`]: the health-check model of a VIP (`[vip.check]`): TCP, HTTP or UDP, and its timing.
 //! - [`snapshot`]: a config compiled for the hot path (VIP match, tables, backends).
 //! - [`snat`]: egress SNAT (Ananta): the config section, port-range ownership, the agent's NAT table.
 //! - [`packet`]: parsing frames into the facts the decision steers by.
@@ -17,6 +18,7 @@
 //! The I/O that drives them lives in `lb-dataplane`.
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod config;
 pub mod conntrack;
 pub mod encap;

@@ -133,15 +133,23 @@ impl Shared {
         c
     }
 
-    fn status(&self) -> Value {
-        let c = self.counters();
-        let last_seen = self
-            .heartbeat
+    /// How long ago the receive loop last went round.
+    fn last_seen(&self) -> Option<Duration> {
+        self.heartbeat
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .map(|h| h.elapsed());
-        // Healthy: the receive loop went round within the last second.
-        let healthy = last_seen.is_some_and(|d| d < Duration::from_secs(1));
+            .map(|h| h.elapsed())
+    }
+
+    /// Healthy: the receive loop went round within the last second.
+    fn healthy(&self) -> bool {
+        self.last_seen().is_some_and(|d| d < Duration::from_secs(1))
+    }
+
+    fn status(&self) -> Value {
+        let c = self.counters();
+        let last_seen = self.last_seen();
+        let healthy = self.healthy();
         let rejected: serde_json::Map<String, Value> = Reject::ALL
             .iter()
             .zip(c.rejected)
@@ -305,6 +313,11 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
                     thread::sleep(crate::exporter::UPDATE_INTERVAL);
                 }
             })
+            .map_err(|e| e.to_string())?;
+    }
+    if let Some(address) = agent.health_address {
+        let (live, stop) = (Arc::clone(&shared), Arc::clone(&shared));
+        crate::health_endpoint::serve(address, move || live.healthy(), move || stop.stopping())
             .map_err(|e| e.to_string())?;
     }
     let mut signals =

@@ -47,6 +47,14 @@ pub enum Request {
         /// Its health.
         healthy: bool,
     },
+    /// The health of many (VIP, backend) pairs at once, published as one snapshot: the
+    /// sidecar's full state when it (re)connects, and each round of changes. Pairs this mux's
+    /// config does not have are ignored and listed in the answer (the sidecar's config may be
+    /// a reload ahead or behind).
+    SyncHealth {
+        /// The pairs and their health.
+        backends: Vec<HealthEntry>,
+    },
     /// Weight 0 for a backend: no new flows, tracked flows continue.
     Drain {
         /// The backend's address.
@@ -67,6 +75,18 @@ pub enum Request {
     Reload,
 }
 
+/// One (VIP, backend) pair's health in a [`Request::SyncHealth`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthEntry {
+    /// The VIP's name.
+    pub vip: String,
+    /// The backend's address.
+    pub backend: IpAddr,
+    /// Its health.
+    pub healthy: bool,
+}
+
 /// Health and drain state set at run time, per (VIP name, backend address).
 #[derive(Clone, Debug, Default)]
 struct Overrides {
@@ -78,6 +98,9 @@ impl Overrides {
     /// The effective config: unhealthy backends removed, drained ones at weight 0.
     fn apply(&self, base: &Config) -> Config {
         let mut effective = base.clone();
+        // The sidecar's section names backends that health may take out of every VIP here; it
+        // was validated with the base config, and the data path never reads it.
+        effective.healthcheck = None;
         for vip in &mut effective.vips {
             let name = vip.name.clone();
             vip.backends
@@ -353,6 +376,41 @@ impl ControlPlane {
         Ok(json!({"ok": true, "changed": true, "generation": generation}))
     }
 
+    /// [`Request::SyncHealth`]: every known pair set at once, one snapshot at most.
+    fn sync_health(&self, entries: &[HealthEntry]) -> Result<Value, ControlError> {
+        let mut inner = self.lock();
+        let mut overrides = inner.overrides.clone();
+        let mut ignored = Vec::new();
+        let mut changed = 0usize;
+        for e in entries {
+            let known = inner
+                .base
+                .vip(&e.vip)
+                .is_some_and(|v| v.backends.iter().any(|b| b.address == e.backend));
+            if !known {
+                ignored.push(json!({"vip": e.vip, "backend": e.backend}));
+                continue;
+            }
+            let key = (e.vip.clone(), e.backend);
+            let flipped = if e.healthy {
+                overrides.unhealthy.remove(&key)
+            } else {
+                overrides.unhealthy.insert(key)
+            };
+            if flipped {
+                changed += 1;
+                tracing::info!(vip = %e.vip, backend = %e.backend, healthy = e.healthy, "health from the sidecar");
+            }
+        }
+        let generation = if changed == 0 {
+            self.shared.snapshot.load().generation
+        } else {
+            let base = inner.base.clone();
+            self.publish(&mut inner, base, overrides, "health synced")?
+        };
+        Ok(json!({"ok": true, "changed": changed, "ignored": ignored, "generation": generation}))
+    }
+
     /// Executes one request; the answer is a JSON object with `"ok"`.
     pub fn handle(&self, request: &Request) -> Value {
         let result = match request {
@@ -380,6 +438,7 @@ impl ControlPlane {
                     }
                 },
             ),
+            Request::SyncHealth { backends } => self.sync_health(backends),
             Request::Drain { backend, vip } => {
                 self.change_overrides(*backend, vip.as_deref(), "backend drained", |o, t| {
                     o.drained.insert(t)

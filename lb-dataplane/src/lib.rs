@@ -13,6 +13,7 @@
 //! - [`control`]: the config in force, health and drain overrides, reloads, `status`.
 //! - [`socket`]: the control socket (Unix, 0600, line-delimited JSON) and its client.
 //! - [`exporter`]: the Prometheus metrics.
+//! - [`health_endpoint`]: `GET /healthz` over HTTP, the agent's health for the muxes' sidecars.
 //! - [`node`]: a running node (workers + control socket) on any devices; [`mux`]: `lb mux` on
 //!   AF_PACKET, with signals and the config-file watcher.
 //! - [`agent`]: the backend agent's decision (accept only muxes, the VIP check, daisy chaining);
@@ -28,6 +29,7 @@ pub mod agent_run;
 pub mod control;
 pub mod device;
 pub mod exporter;
+pub mod health_endpoint;
 pub mod memory;
 pub mod mux;
 pub mod node;

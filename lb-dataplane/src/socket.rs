@@ -192,25 +192,57 @@ fn answer_line(plane: &dyn ControlHandler, line: &[u8], writer: &mut UnixStream)
     writer.flush()
 }
 
+/// A connection to a control socket that stays open for many requests (the health-check
+/// sidecar's link to a mux: when it breaks, the mux restarted or went away).
+#[derive(Debug)]
+pub struct ControlClient {
+    path: PathBuf,
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl ControlClient {
+    /// Connects to the control socket at `path`; each answer must come within `timeout`.
+    pub fn connect(path: &Path, timeout: Duration) -> io::Result<Self> {
+        let stream = UnixStream::connect(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot connect to the control socket {}: {e} (is the node running? see --socket)",
+                    path.display()
+                ),
+            )
+        })?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(Self {
+            path: path.to_owned(),
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// Sends one request and reads its answer. After an error the connection is unusable.
+    pub fn ask(&mut self, request: &Value) -> io::Result<Value> {
+        writeln!(self.writer, "{request}")?;
+        self.writer.flush()?;
+        let mut answer = String::new();
+        if self.reader.read_line(&mut answer)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{} closed the connection", self.path.display()),
+            ));
+        }
+        serde_json::from_str(&answer).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad answer from {}: {e}: {answer:?}", self.path.display()),
+            )
+        })
+    }
+}
+
 /// Sends one request to the control socket at `path` and returns the answer.
 pub fn request(path: &Path, request: &Value) -> io::Result<Value> {
-    let mut stream = UnixStream::connect(path).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!(
-                "cannot connect to the control socket {}: {e} (is lb mux running? see --socket)",
-                path.display()
-            ),
-        )
-    })?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    writeln!(stream, "{request}")?;
-    let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer)?;
-    serde_json::from_str(&answer).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("bad answer from {}: {e}: {answer:?}", path.display()),
-        )
-    })
+    ControlClient::connect(path, Duration::from_secs(10))?.ask(request)
 }

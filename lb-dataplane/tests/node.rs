@@ -319,6 +319,27 @@ fn reload_drain_and_health_change_the_table_and_keep_what_they_should() {
     assert_eq!(answer["ok"], true, "{answer}");
     let status = node.ask(json!({"command": "status"}));
     assert_eq!(status["vips"][0]["backends"][0]["healthy"], false);
+
+    // sync-health (the sidecar's full state): one snapshot for every change at once; pairs the
+    // config lacks are listed, not fatal; the same state again publishes nothing.
+    let vip = status["vips"][0]["name"].as_str().unwrap().to_owned();
+    let before = status["generation"].as_u64().unwrap();
+    let sync = json!({"command": "sync-health", "backends": [
+        {"vip": vip, "backend": "198.18.21.2", "healthy": true},
+        {"vip": vip, "backend": "198.18.22.2", "healthy": true},
+        {"vip": vip, "backend": "198.18.99.9", "healthy": false},
+        {"vip": "nope", "backend": "198.18.21.2", "healthy": false},
+    ]});
+    let answer = node.ask(sync.clone());
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["changed"], 1, "{answer}");
+    assert_eq!(answer["ignored"].as_array().unwrap().len(), 2, "{answer}");
+    assert_eq!(answer["generation"], before + 1);
+    let answer = node.ask(sync);
+    assert_eq!(answer["changed"], 0, "{answer}");
+    assert_eq!(answer["generation"], before + 1);
+    let status = node.ask(json!({"command": "status"}));
+    assert_eq!(status["vips"][0]["backends"][0]["healthy"], true);
     node.stop();
 }
 

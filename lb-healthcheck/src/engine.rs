@@ -401,6 +401,14 @@ impl Engine {
         }
     }
 
+    /// Sets target `id`'s state with a fresh streak (a sidecar that restarts takes over what
+    /// the mux remembers, instead of trusting a dead backend again for `fall` probes). Not a
+    /// transition: nothing is reported. Panics if `id` is not one of this engine's.
+    pub fn seed(&mut self, id: TargetId, healthy: bool) {
+        let t = &mut self.targets[id.0];
+        t.state = HealthState::new(healthy, t.spec.check.rise, t.spec.check.fall);
+    }
+
     /// Attempts in flight now.
     #[must_use]
     pub fn in_flight(&self) -> usize {

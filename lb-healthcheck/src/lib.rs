@@ -1,7 +1,7 @@
 //! `lb-healthcheck`: the health-check sidecar (`lb healthcheck`).
 //!
-//! The crate holds the engine of the sidecar; pushing health to the muxes' control sockets and
-//! driving BGP come next (issue 6).
+//! It probes the backends and their agents, pushes health to the muxes' control sockets, and
+//! announces or withdraws the node's VIPs through a BGP speaker (ExaBGP or BIRD).
 //!
 //! Modules, each with its invariant:
 //! - [`check`]: the check model (TCP / HTTP / UDP, interval, timeout, rise, fall, jitter) with
@@ -15,12 +15,16 @@
 //!   with a heap of deadlines as its timers, deterministic per-probe jitter, and deduplication
 //!   of identical probes, each feeding the dampers of every (VIP, backend) that uses it. Every
 //!   started attempt yields exactly one result, and holds at most one socket.
+//! - [`sidecar`]: `lb healthcheck`: the engine loop, one publisher per mux (full state on
+//!   every new connection), the BGP decision and speakers, status and metrics.
 
 #![forbid(unsafe_code)]
 
-pub mod check;
+/// The check model; it lives in `lb_core` because the config file (`[vip.check]`) holds it.
+pub use lb_core::check;
 pub mod damper;
 pub mod engine;
+pub mod sidecar;
 
 pub use check::{CheckConfig, CheckKind};
 pub use damper::{HealthState, Transition};

@@ -2,7 +2,7 @@
 //! its timing (interval, timeout, rise, fall, jitter), parsed from TOML and validated.
 //!
 //! Invariant: a [`CheckConfig`] that [`CheckConfig::validate`] accepts can be run by the
-//! [`crate::engine::Engine`] as it is: its timeout is shorter than its interval, its interval is
+//! health-check engine (`lb_healthcheck::engine`) as it is: its timeout is shorter than its interval, its interval is
 //! at least [`MIN_INTERVAL_MS`], rise and fall are at least 1, and what it writes on the wire
 //! (HTTP path and host, UDP payload) cannot break the request framing. Problems are reported as
 //! [`Problem`]s naming the field as a path (`vip[0].check.timeout_ms`) and the reason, in the
@@ -29,9 +29,12 @@
 //! Unknown fields are errors, and so are fields of another kind (`path` on a `tcp` check), so a
 //! misplaced setting is never silently ignored.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 
-use lb_core::config::Problem;
+use crate::config::{Problem, VipConfig};
 use serde::{Deserialize, Serialize};
 
 /// The shortest interval accepted between two probes of one check.
@@ -123,7 +126,7 @@ pub struct CheckConfig {
     /// Consecutive failures that turn a healthy backend unhealthy.
     pub fall: u32,
     /// Each interval is stretched or shrunk by up to this percentage (deterministically per
-    /// probe, see [`crate::engine`]), so that probes do not align.
+    /// probe, see `lb_healthcheck::engine`), so that probes do not align.
     pub jitter_percent: u32,
 }
 
@@ -444,6 +447,233 @@ impl CheckConfig {
                         field("expect"),
                         format!("{} bytes is longer than {MAX_UDP_PAYLOAD}", expect.len()),
                     );
+                }
+            }
+        }
+    }
+}
+
+/// The `[healthcheck]` section: how `lb healthcheck` (the sidecar next to a mux) learns the
+/// backends' agent health, where it publishes health, and how it drives BGP.
+///
+/// The backends and their service checks come from the `[[vip]]` sections of the same file
+/// (`[vip.check]`), so the sidecar and the mux it serves read one config.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthcheckConfig {
+    /// The control sockets of the muxes that receive health (`sync-health`). Empty: this
+    /// node's own mux (`node.control_socket`).
+    #[serde(default)]
+    pub muxes: Vec<PathBuf>,
+    /// The sidecar's own control socket (`lb status`); default `/run/lb/<node.name>-healthcheck.sock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_socket: Option<PathBuf>,
+    /// Where the sidecar's Prometheus metrics are served.
+    #[serde(default = "default_healthcheck_metrics")]
+    pub metrics_address: SocketAddr,
+    /// The check of each backend's agent (`lb agent` with `agent.health_address`); its `port`
+    /// is the agent's health port. A backend is healthy only while its service check and its
+    /// agent check both pass. Absent: agents are not checked (the service check alone decides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_check: Option<CheckConfig>,
+    /// Agents that answer on another address than their backend's (a management address).
+    #[serde(default, rename = "agent")]
+    pub agents: Vec<AgentEndpoint>,
+    /// BGP: whether and how this node announces its VIPs. Absent: no announcements.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpConfig>,
+}
+
+/// The address a backend's agent answers its health check on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentEndpoint {
+    /// The backend (an address under some `[[vip.backend]]`).
+    pub backend: IpAddr,
+    /// The address its agent's health endpoint listens on (the port is `agent_check.port`).
+    pub address: IpAddr,
+}
+
+/// Which BGP speaker the sidecar drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Speaker {
+    /// The sidecar is an ExaBGP API process: it writes `announce route …` and `withdraw route …`
+    /// lines on its standard output.
+    Exabgp,
+    /// BIRD: the sidecar runs `birdc enable|disable <protocol>` for each VIP address.
+    Bird,
+}
+
+/// The `[healthcheck.bgp]` section.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BgpConfig {
+    /// `exabgp` or `bird`.
+    pub speaker: Speaker,
+    /// BIRD's control socket.
+    #[serde(default = "default_bird_socket")]
+    pub bird_socket: PathBuf,
+    /// BIRD: per VIP address, the protocol (typically a `static` one originating the /32 or
+    /// /128) enabled to announce it and disabled to withdraw it. Every VIP address needs one.
+    #[serde(default)]
+    pub bird_protocols: BTreeMap<IpAddr, String>,
+    /// How often the node's health (its mux answering, its workers progressing) is checked and
+    /// the announcements decided, in milliseconds.
+    #[serde(default = "default_decide_interval")]
+    pub decide_interval_ms: u32,
+    /// A mux worker whose last report is older than this is stuck: the node withdraws.
+    #[serde(default = "default_worker_stall")]
+    pub worker_stall_ms: u32,
+}
+
+/// Default `[healthcheck] metrics_address`: next to the mux's 127.0.0.1:9477.
+pub const DEFAULT_HEALTHCHECK_METRICS: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9478);
+/// Default `bird_socket`, Debian's.
+pub const DEFAULT_BIRD_SOCKET: &str = "/run/bird/bird.ctl";
+/// Default `decide_interval_ms`.
+pub const DEFAULT_DECIDE_INTERVAL_MS: u32 = 200;
+/// Default `worker_stall_ms`: the workers report every 100 ms.
+pub const DEFAULT_WORKER_STALL_MS: u32 = 1000;
+
+fn default_healthcheck_metrics() -> SocketAddr {
+    DEFAULT_HEALTHCHECK_METRICS
+}
+fn default_bird_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_BIRD_SOCKET)
+}
+fn default_decide_interval() -> u32 {
+    DEFAULT_DECIDE_INTERVAL_MS
+}
+fn default_worker_stall() -> u32 {
+    DEFAULT_WORKER_STALL_MS
+}
+
+impl HealthcheckConfig {
+    /// The sidecar's control socket: `control_socket`, or `/run/lb/<node>-healthcheck.sock`.
+    #[must_use]
+    pub fn control_socket_path(&self, node: &str) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/run/lb/{node}-healthcheck.sock")))
+    }
+
+    /// Where `backend`'s agent answers (before the port): its [`AgentEndpoint`], or itself.
+    #[must_use]
+    pub fn agent_address(&self, backend: IpAddr) -> IpAddr {
+        self.agents
+            .iter()
+            .find(|a| a.backend == backend)
+            .map_or(backend, |a| a.address)
+    }
+
+    /// Every rule of the section, given the whole config's VIPs.
+    pub fn validate_into(&self, vips: &[VipConfig], fail: &mut impl FnMut(String, String)) {
+        let is_backend = |a: IpAddr| {
+            vips.iter()
+                .any(|v| v.backends.iter().any(|b| b.address == a))
+        };
+        if let Some(check) = &self.agent_check {
+            check.validate_into("healthcheck.agent_check", fail);
+            if check.port.is_none() {
+                fail(
+                    "healthcheck.agent_check.port".into(),
+                    "set the agents' health port (agent.health_address on the backends)".into(),
+                );
+            }
+        }
+        let mut seen = BTreeMap::new();
+        for (i, agent) in self.agents.iter().enumerate() {
+            let at = format!("healthcheck.agent[{i}]");
+            if !is_backend(agent.backend) {
+                fail(
+                    format!("{at}.backend"),
+                    format!(
+                        "{} is listed under no VIP: no [[vip.backend]] has this address",
+                        agent.backend
+                    ),
+                );
+            }
+            if let Some(first) = seen.insert(agent.backend, i) {
+                fail(
+                    format!("{at}.backend"),
+                    format!(
+                        "{} is already listed in healthcheck.agent[{first}]",
+                        agent.backend
+                    ),
+                );
+            }
+            if self.agent_check.is_none() {
+                fail(
+                    at,
+                    "an agent address without [healthcheck.agent_check] is never checked".into(),
+                );
+            }
+        }
+        if let Some(bgp) = &self.bgp {
+            bgp.validate_into(vips, fail);
+        }
+    }
+}
+
+impl BgpConfig {
+    fn validate_into(&self, vips: &[VipConfig], fail: &mut impl FnMut(String, String)) {
+        if !(50..=10_000).contains(&self.decide_interval_ms) {
+            fail(
+                "healthcheck.bgp.decide_interval_ms".into(),
+                format!("{} ms is outside 50..=10000", self.decide_interval_ms),
+            );
+        }
+        if self.worker_stall_ms < 200 {
+            fail(
+                "healthcheck.bgp.worker_stall_ms".into(),
+                format!(
+                    "{} ms is below 200: workers report every 100 ms, so a busy one would look stuck",
+                    self.worker_stall_ms
+                ),
+            );
+        }
+        match self.speaker {
+            Speaker::Exabgp => {
+                if !self.bird_protocols.is_empty() {
+                    fail(
+                        "healthcheck.bgp.bird_protocols".into(),
+                        "bird_protocols only apply to speaker = \"bird\"".into(),
+                    );
+                }
+            }
+            Speaker::Bird => {
+                for (address, protocol) in &self.bird_protocols {
+                    let at = format!("healthcheck.bgp.bird_protocols.\"{address}\"");
+                    if !vips.iter().any(|v| v.address == *address) {
+                        fail(at.clone(), format!("{address} is no VIP's address"));
+                    }
+                    if protocol.is_empty()
+                        || !protocol
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    {
+                        fail(
+                            at,
+                            format!(
+                                "{protocol:?} is not a BIRD protocol name (letters, digits, '_')"
+                            ),
+                        );
+                    }
+                }
+                let mut addresses: Vec<IpAddr> = vips.iter().map(|v| v.address).collect();
+                addresses.sort_unstable();
+                addresses.dedup();
+                for address in addresses {
+                    if !self.bird_protocols.contains_key(&address) {
+                        fail(
+                            "healthcheck.bgp.bird_protocols".into(),
+                            format!(
+                                "VIP address {address} has no BIRD protocol: it could never be withdrawn"
+                            ),
+                        );
+                    }
                 }
             }
         }

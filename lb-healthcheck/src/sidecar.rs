@@ -1,0 +1,1083 @@
+//! `lb healthcheck`: the sidecar next to a mux. It probes every backend of every VIP (and each
+//! backend's agent), pushes health to the muxes, and decides whether this node announces its
+//! VIPs by BGP.
+//!
+//! Threads:
+//! - **probes** (the caller's thread): the [`Engine`] loop. A (VIP, backend) pair is healthy
+//!   only while its service check (`[vip.check]`) *and* its agent's check
+//!   (`[healthcheck.agent_check]`) are healthy after rise/fall dampening; a missing check
+//!   counts as passing. Each change goes to every publisher.
+//! - **one publisher per mux**: a persistent connection to the mux's control socket. On
+//!   connecting (the first time, after the mux restarted, after any error) it sends the full
+//!   state with `sync-health`; then each round of changes; when idle, an empty `sync-health`
+//!   every [`PUBLISH_TICK`] notices a lost connection.
+//! - **BGP** (with `[healthcheck.bgp]`): every `decide_interval_ms` it asks the local mux
+//!   (`node.control_socket`) for its status. The node is healthy while the mux answers and
+//!   every worker reported within `worker_stall_ms`. A VIP address is announced while the node
+//!   is healthy and every VIP on the address has at least one healthy backend of weight > 0;
+//!   otherwise it is withdrawn. The speaker is ExaBGP (this process is its API process; routes
+//!   go out as lines on standard output) or BIRD (`birdc enable|disable <protocol>`).
+//! - the control socket (`status`) and the Prometheus exporter.
+//!
+//! **Invariants.** A mux never keeps a state older than the sidecar's last change once a
+//! connection to it stands (full state on every new connection). An address is announced only
+//! after a positive decision in this process's lifetime, and on SIGTERM/SIGINT every address is
+//! withdrawn before exiting, so no announcement outlives its monitor by choice. (If the
+//! sidecar is killed, BIRD keeps the last state; see the README.)
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use lb_core::check::{BgpConfig, HealthcheckConfig, Speaker};
+use lb_core::config::{Config, PortSpec};
+use lb_dataplane::control::HealthEntry;
+use lb_dataplane::socket::{ControlClient, ControlHandler, ControlSocket};
+use serde_json::{Value, json};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::engine::{Engine, EngineOptions, ProbeSpec, TargetId};
+
+/// How often an idle publisher checks its connection (and retries a lost one).
+pub const PUBLISH_TICK: Duration = Duration::from_millis(250);
+/// How long a mux may take to answer one request.
+const MUX_TIMEOUT: Duration = Duration::from_secs(1);
+/// The most pairs in one `sync-health` request (the control socket reads lines of 64 KiB).
+const SYNC_CHUNK: usize = 400;
+/// How often the view for `status` and the metrics is refreshed from the engine.
+const VIEW_REFRESH: Duration = Duration::from_millis(200);
+/// BIRD's state is asserted again this often even without a change (BIRD may have restarted).
+const BIRD_REASSERT: Duration = Duration::from_secs(5);
+
+/// How `lb healthcheck` was started.
+#[derive(Clone, Debug)]
+pub struct SidecarOptions {
+    /// The config file (the mux's, with `[healthcheck]` and `[vip.check]` sections).
+    pub config: PathBuf,
+    /// Overrides `healthcheck.control_socket`.
+    pub control_socket: Option<PathBuf>,
+    /// Overrides `healthcheck.metrics_address`.
+    pub metrics_address: Option<SocketAddr>,
+    /// No Prometheus exporter.
+    pub no_metrics: bool,
+}
+
+/// One (VIP, backend) pair of the config and the engine targets that decide its health.
+#[derive(Clone, Debug)]
+struct Pair {
+    vip: String,
+    vip_address: IpAddr,
+    backend: IpAddr,
+    weight: u32,
+    service: Option<TargetId>,
+    agent: Option<TargetId>,
+}
+
+/// What the sidecar checks, derived from a config.
+#[derive(Debug)]
+struct Plan {
+    pairs: Vec<Pair>,
+    specs: Vec<ProbeSpec>,
+}
+
+/// The engine's `vip` label of an agent target.
+const AGENT_LABEL: &str = "(agent)";
+
+impl Plan {
+    fn from_config(config: &Config, section: &HealthcheckConfig) -> Self {
+        let mut specs = Vec::new();
+        let mut agents: BTreeMap<IpAddr, TargetId> = BTreeMap::new();
+        let mut pairs = Vec::new();
+        for vip in &config.vips {
+            for b in &vip.backends {
+                let service = vip.check.as_ref().map(|check| {
+                    specs.push(ProbeSpec {
+                        vip: vip.name.clone(),
+                        backend: b.address,
+                        port: check.port.unwrap_or(match vip.port {
+                            PortSpec::Port(p) => p,
+                            // Validation demands check.port for an all-ports VIP.
+                            PortSpec::All => 0,
+                        }),
+                        check: check.clone(),
+                    });
+                    TargetId(specs.len() - 1)
+                });
+                let agent = section.agent_check.as_ref().map(|check| {
+                    *agents.entry(b.address).or_insert_with(|| {
+                        specs.push(ProbeSpec {
+                            vip: AGENT_LABEL.to_owned(),
+                            backend: section.agent_address(b.address),
+                            port: check.port.unwrap_or(0),
+                            check: check.clone(),
+                        });
+                        TargetId(specs.len() - 1)
+                    })
+                });
+                pairs.push(Pair {
+                    vip: vip.name.clone(),
+                    vip_address: vip.address,
+                    backend: b.address,
+                    weight: b.weight,
+                    service,
+                    agent,
+                });
+            }
+        }
+        Self { pairs, specs }
+    }
+
+    fn healthy(&self, engine: &Engine, pair: &Pair) -> bool {
+        [pair.service, pair.agent]
+            .into_iter()
+            .flatten()
+            .all(|t| engine.target(t).healthy)
+    }
+}
+
+/// A check's state as `status` shows it.
+#[derive(Clone, Debug, Default)]
+struct CheckView {
+    check: String,
+    address: String,
+    healthy: bool,
+    last_success: Option<bool>,
+    last_latency_ms: Option<f64>,
+    last_error: Option<String>,
+    last_age_ms: Option<u64>,
+    successes: u64,
+    failures: u64,
+    transitions: u64,
+}
+
+impl CheckView {
+    fn json(&self) -> Value {
+        json!({
+            "check": self.check,
+            "address": self.address,
+            "healthy": self.healthy,
+            "last_success": self.last_success,
+            "last_latency_ms": self.last_latency_ms,
+            "last_error": self.last_error,
+            "last_age_ms": self.last_age_ms,
+            "successes": self.successes,
+            "failures": self.failures,
+            "transitions": self.transitions,
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+struct PairView {
+    vip: String,
+    backend: IpAddr,
+    weight: u32,
+    healthy: bool,
+    service: Option<CheckView>,
+    agent: Option<CheckView>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct MuxView {
+    socket: PathBuf,
+    connected: bool,
+    full_syncs: u64,
+    updates: u64,
+    last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct BgpView {
+    speaker: String,
+    node_healthy: bool,
+    reason: String,
+    /// Per address: (announced, why).
+    addresses: BTreeMap<IpAddr, (bool, String)>,
+}
+
+#[derive(Debug, Default)]
+struct View {
+    pairs: Vec<PairView>,
+    muxes: Vec<MuxView>,
+    bgp: Option<BgpView>,
+}
+
+struct Shared {
+    node: String,
+    config_path: PathBuf,
+    stopping: AtomicBool,
+    view: Mutex<View>,
+}
+
+impl Shared {
+    fn view(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    fn status(&self) -> Value {
+        let view = self.view();
+        let pairs: Vec<Value> = view
+            .pairs
+            .iter()
+            .map(|p| {
+                json!({
+                    "vip": p.vip,
+                    "backend": p.backend,
+                    "healthy": p.healthy,
+                    "service": p.service.as_ref().map(CheckView::json),
+                    "agent": p.agent.as_ref().map(CheckView::json),
+                })
+            })
+            .collect();
+        let muxes: Vec<Value> = view
+            .muxes
+            .iter()
+            .map(|m| {
+                json!({
+                    "socket": m.socket,
+                    "connected": m.connected,
+                    "full_syncs": m.full_syncs,
+                    "updates": m.updates,
+                    "last_error": m.last_error,
+                })
+            })
+            .collect();
+        let bgp = view.bgp.as_ref().map(|b| {
+            json!({
+                "speaker": b.speaker,
+                "node_healthy": b.node_healthy,
+                "reason": b.reason,
+                "addresses": b.addresses.iter().map(|(a, (announced, why))| json!({
+                    "address": a, "announced": announced, "reason": why,
+                })).collect::<Vec<_>>(),
+            })
+        });
+        json!({
+            "ok": true,
+            "role": "healthcheck",
+            "node": self.node,
+            "config": self.config_path,
+            "backends": pairs,
+            "muxes": muxes,
+            "bgp": bgp,
+        })
+    }
+}
+
+impl ControlHandler for Shared {
+    fn handle_line(&self, line: &str) -> Value {
+        match serde_json::from_str::<Value>(line) {
+            Ok(v) if v["command"] == "status" => self.status(),
+            Ok(v) => json!({
+                "ok": false,
+                "error": format!("unknown command {}; the health checker answers \"status\"", v["command"]),
+            }),
+            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        Shared::stopping(self)
+    }
+}
+
+/// Runs `lb healthcheck` until SIGTERM or SIGINT.
+pub fn run(options: &SidecarOptions) -> Result<(), String> {
+    let config = Config::load(&options.config).map_err(|e| e.to_string())?;
+    let section = config.healthcheck.clone().ok_or_else(|| {
+        format!(
+            "{}: no [healthcheck] section: name the muxes to publish to (or accept the default) by adding one",
+            options.config.display()
+        )
+    })?;
+    let plan = Plan::from_config(&config, &section);
+    if plan.specs.is_empty() {
+        tracing::warn!(
+            "no [vip.check] and no [healthcheck.agent_check]: every backend counts as healthy"
+        );
+    }
+    let local_mux = config.node.control_socket_path();
+    let mux_sockets = if section.muxes.is_empty() {
+        vec![local_mux.clone()]
+    } else {
+        section.muxes.clone()
+    };
+    let mut engine = Engine::new(
+        plan.specs.clone(),
+        &EngineOptions {
+            checker: config.node.name.clone(),
+            initially_healthy: true,
+        },
+    )
+    .map_err(|e| format!("probe engine: {e}"))?;
+    seed_from_mux(&mut engine, &plan, &local_mux);
+
+    let shared = Arc::new(Shared {
+        node: config.node.name.clone(),
+        config_path: options.config.clone(),
+        stopping: AtomicBool::new(false),
+        view: Mutex::new(View {
+            pairs: Vec::new(),
+            muxes: mux_sockets
+                .iter()
+                .map(|s| MuxView {
+                    socket: s.clone(),
+                    ..MuxView::default()
+                })
+                .collect(),
+            bgp: None,
+        }),
+    });
+    refresh_view(&shared, &engine, &plan);
+
+    let socket_path = options
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| section.control_socket_path(&config.node.name));
+    let _socket =
+        ControlSocket::serve(Arc::clone(&shared) as Arc<dyn ControlHandler>, &socket_path)
+            .map_err(|e| e.to_string())?;
+    if !options.no_metrics {
+        lb_dataplane::exporter::install(
+            options.metrics_address.unwrap_or(section.metrics_address),
+        )?;
+    }
+
+    let mut health: Vec<bool> = plan
+        .pairs
+        .iter()
+        .map(|p| plan.healthy(&engine, p))
+        .collect();
+    let entries = |health: &[bool], which: &mut dyn Iterator<Item = usize>| -> Vec<HealthEntry> {
+        which
+            .map(|i| HealthEntry {
+                vip: plan.pairs[i].vip.clone(),
+                backend: plan.pairs[i].backend,
+                healthy: health[i],
+            })
+            .collect()
+    };
+    let mut publishers: Vec<Sender<Vec<HealthEntry>>> = Vec::new();
+    let mut threads = Vec::new();
+    for (index, path) in mux_sockets.iter().enumerate() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let initial = entries(&health, &mut (0..plan.pairs.len()));
+        let shared = Arc::clone(&shared);
+        let path = path.clone();
+        threads.push(
+            thread::Builder::new()
+                .name(format!("lb-publish-{index}"))
+                .spawn(move || publish_loop(&shared, index, &path, &rx, initial))
+                .map_err(|e| e.to_string())?,
+        );
+        publishers.push(tx);
+    }
+    if let Some(bgp) = section.bgp.clone() {
+        let speaker = open_speaker(&bgp)?;
+        let shared = Arc::clone(&shared);
+        let local_mux = local_mux.clone();
+        let mut addresses: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+        for pair in &plan.pairs {
+            let vips = addresses.entry(pair.vip_address).or_default();
+            if !vips.contains(&pair.vip) {
+                vips.push(pair.vip.clone());
+            }
+        }
+        for vip in config.vips.iter().filter(|v| v.backends.is_empty()) {
+            addresses
+                .entry(vip.address)
+                .or_default()
+                .push(vip.name.clone());
+        }
+        threads.push(
+            thread::Builder::new()
+                .name("lb-bgp".into())
+                .spawn(move || bgp_loop(&shared, &bgp, &local_mux, &addresses, speaker))
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    {
+        let mut signals =
+            Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("signal handlers: {e}"))?;
+        let shared = Arc::clone(&shared);
+        thread::Builder::new()
+            .name("lb-signals".into())
+            .spawn(move || {
+                if let Some(signal) = signals.forever().next() {
+                    tracing::info!(signal, "shutting down");
+                    shared.stopping.store(true, Ordering::Relaxed);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+    }
+    tracing::info!(
+        node = %config.node.name,
+        pairs = plan.pairs.len(),
+        probes = engine.probe_count(),
+        muxes = mux_sockets.len(),
+        socket = %socket_path.display(),
+        "health checker running"
+    );
+
+    let mut last_refresh = Instant::now();
+    while !shared.stopping() {
+        let round = engine
+            .run_once(Duration::from_millis(100))
+            .map_err(|e| format!("probe engine: {e}"))?;
+        for r in &round.results {
+            metrics::counter!(
+                "lb_healthcheck_probes_total",
+                "result" => if r.success { "success" } else { "failure" }
+            )
+            .increment(1);
+        }
+        if !round.transitions.is_empty() {
+            for event in &round.transitions {
+                let what = if event.vip == AGENT_LABEL {
+                    "agent check"
+                } else {
+                    "service check"
+                };
+                let probe = engine.probe(engine.target(event.target).probe);
+                tracing::info!(
+                    vip = %event.vip,
+                    backend = %event.backend,
+                    healthy = event.transition.healthy(),
+                    last_error = %probe.last.and_then(|l| l.error.as_ref()).map_or_else(String::new, ToString::to_string),
+                    "{what} changed"
+                );
+                metrics::counter!(
+                    "lb_healthcheck_transitions_total",
+                    "vip" => event.vip.clone(),
+                    "backend" => event.backend.to_string()
+                )
+                .increment(1);
+            }
+            let mut changed = Vec::new();
+            for (i, pair) in plan.pairs.iter().enumerate() {
+                let now = plan.healthy(&engine, pair);
+                if now != health[i] {
+                    health[i] = now;
+                    changed.push(i);
+                    tracing::info!(vip = %pair.vip, backend = %pair.backend, healthy = now, "backend health changed");
+                }
+            }
+            if !changed.is_empty() {
+                let update = entries(&health, &mut changed.into_iter());
+                for p in &publishers {
+                    let _ = p.send(update.clone());
+                }
+            }
+            refresh_view(&shared, &engine, &plan);
+            last_refresh = Instant::now();
+        } else if last_refresh.elapsed() >= VIEW_REFRESH {
+            refresh_view(&shared, &engine, &plan);
+            last_refresh = Instant::now();
+        }
+    }
+    drop(publishers);
+    for t in threads {
+        let _ = t.join();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Seeds the engine from what the local mux remembers (a restarted sidecar keeps the verdicts
+/// of the one before): a pair the mux has unhealthy starts unhealthy.
+fn seed_from_mux(engine: &mut Engine, plan: &Plan, local_mux: &Path) {
+    let Ok(status) = ControlClient::connect(local_mux, MUX_TIMEOUT)
+        .and_then(|mut c| c.ask(&json!({"command": "status"})))
+    else {
+        tracing::info!(mux = %local_mux.display(), "local mux not answering: every backend starts healthy");
+        return;
+    };
+    for vip in status["vips"].as_array().into_iter().flatten() {
+        for b in vip["backends"].as_array().into_iter().flatten() {
+            if b["healthy"] != false {
+                continue;
+            }
+            let Some(address) = b["address"].as_str().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                continue;
+            };
+            let pair = plan
+                .pairs
+                .iter()
+                .find(|p| vip["name"] == p.vip.as_str() && p.backend == address);
+            if let Some(target) = pair.and_then(|p| p.service.or(p.agent)) {
+                engine.seed(target, false);
+                tracing::info!(vip = %vip["name"], backend = %address, "starts unhealthy, as the mux has it");
+            }
+        }
+    }
+}
+
+fn check_view(engine: &Engine, target: TargetId, now: Instant) -> CheckView {
+    let t = engine.target(target);
+    let p = engine.probe(t.probe);
+    CheckView {
+        check: p.kind.to_string(),
+        address: p.addr.to_string(),
+        healthy: t.healthy,
+        last_success: p.last.map(|l| l.success),
+        last_latency_ms: p.last.map(|l| l.latency.as_secs_f64() * 1000.0),
+        last_error: p
+            .last
+            .and_then(|l| l.error.as_ref())
+            .map(ToString::to_string),
+        last_age_ms: p
+            .last
+            .map(|l| u64::try_from(now.duration_since(l.at).as_millis()).unwrap_or(u64::MAX)),
+        successes: p.successes,
+        failures: p.failures,
+        transitions: t.transitions,
+    }
+}
+
+/// Copies the engine's state into the view (for `status`) and the metrics.
+fn refresh_view(shared: &Shared, engine: &Engine, plan: &Plan) {
+    let now = Instant::now();
+    let pairs: Vec<PairView> = plan
+        .pairs
+        .iter()
+        .map(|p| {
+            let service = p.service.map(|t| check_view(engine, t, now));
+            let agent = p.agent.map(|t| check_view(engine, t, now));
+            let healthy = plan.healthy(engine, p);
+            let labels = [("vip", p.vip.clone()), ("backend", p.backend.to_string())];
+            metrics::gauge!("lb_healthcheck_backend_healthy", &labels)
+                .set(f64::from(u8::from(healthy)));
+            for (kind, view) in [("service", &service), ("agent", &agent)] {
+                if let Some(latency) = view.as_ref().and_then(|v| v.last_latency_ms) {
+                    metrics::gauge!(
+                        "lb_healthcheck_probe_latency_seconds",
+                        "vip" => p.vip.clone(),
+                        "backend" => p.backend.to_string(),
+                        "check" => kind
+                    )
+                    .set(latency / 1000.0);
+                }
+            }
+            PairView {
+                vip: p.vip.clone(),
+                backend: p.backend,
+                weight: p.weight,
+                healthy,
+                service,
+                agent,
+            }
+        })
+        .collect();
+    shared.view().pairs = pairs;
+}
+
+/// Sends `entries` to a mux in chunks; the mux's refusal is an error too.
+fn sync(client: &mut ControlClient, entries: &[HealthEntry]) -> io::Result<()> {
+    let chunks: Vec<&[HealthEntry]> = if entries.is_empty() {
+        vec![&[]]
+    } else {
+        entries.chunks(SYNC_CHUNK).collect()
+    };
+    for chunk in chunks {
+        let answer = client.ask(&json!({"command": "sync-health", "backends": chunk}))?;
+        if answer["ok"] != true {
+            return Err(io::Error::other(format!(
+                "the mux refused the health update: {}",
+                answer["error"].as_str().unwrap_or("?")
+            )));
+        }
+        if let Some(ignored) = answer["ignored"].as_array().filter(|i| !i.is_empty()) {
+            let ignored = Value::Array(ignored.clone());
+            tracing::warn!(%ignored, "the mux's config lacks these pairs (config reloaded on one side only?)");
+        }
+    }
+    Ok(())
+}
+
+/// One mux's publisher: see the module docs.
+fn publish_loop(
+    shared: &Shared,
+    index: usize,
+    path: &Path,
+    updates: &Receiver<Vec<HealthEntry>>,
+    initial: Vec<HealthEntry>,
+) {
+    let key = |e: &HealthEntry| (e.vip.clone(), e.backend);
+    let mut desired: BTreeMap<(String, IpAddr), HealthEntry> =
+        initial.into_iter().map(|e| (key(&e), e)).collect();
+    let mut pending: BTreeMap<(String, IpAddr), HealthEntry> = BTreeMap::new();
+    let mut client: Option<ControlClient> = None;
+    let mut last_error: Option<String> = None;
+    let mut note =
+        |shared: &Shared, connected: bool, error: Option<String>, full: bool, update: bool| {
+            if error != last_error {
+                match &error {
+                    Some(e) => {
+                        tracing::warn!(mux = %path.display(), error = %e, "cannot publish health");
+                    }
+                    None if last_error.is_some() => {
+                        tracing::info!(mux = %path.display(), "publishing health again");
+                    }
+                    None => {}
+                }
+                last_error.clone_from(&error);
+            }
+            let mut view = shared.view();
+            if let Some(m) = view.muxes.get_mut(index) {
+                m.connected = connected;
+                m.full_syncs += u64::from(full);
+                m.updates += u64::from(update);
+                if error.is_some() {
+                    m.last_error = error;
+                }
+            }
+            metrics::gauge!("lb_healthcheck_mux_connected", "socket" => path.display().to_string())
+                .set(f64::from(u8::from(connected)));
+        };
+    loop {
+        match updates.recv_timeout(PUBLISH_TICK) {
+            Ok(batch) => {
+                for e in batch.into_iter().chain(updates.try_iter().flatten()) {
+                    desired.insert(key(&e), e.clone());
+                    pending.insert(key(&e), e);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        if shared.stopping() {
+            return;
+        }
+        if let Some(c) = client.as_mut() {
+            let batch: Vec<HealthEntry> = pending.values().cloned().collect();
+            match sync(c, &batch) {
+                Ok(()) => {
+                    let update = !pending.is_empty();
+                    pending.clear();
+                    note(shared, true, None, false, update);
+                }
+                Err(e) => {
+                    client = None;
+                    note(shared, false, Some(e.to_string()), false, false);
+                }
+            }
+            continue;
+        }
+        let full: Vec<HealthEntry> = desired.values().cloned().collect();
+        match ControlClient::connect(path, MUX_TIMEOUT)
+            .and_then(|mut c| sync(&mut c, &full).map(|()| c))
+        {
+            Ok(c) => {
+                tracing::info!(mux = %path.display(), pairs = full.len(), "sent the full health state");
+                client = Some(c);
+                pending.clear();
+                note(shared, true, None, true, false);
+            }
+            Err(e) => note(shared, false, Some(e.to_string()), false, false),
+        }
+    }
+}
+
+/// A BGP speaker the sidecar drives.
+trait Announcer: Send {
+    /// `speaker` in the config.
+    fn name(&self) -> &'static str;
+    /// Announces or withdraws `address`.
+    fn set(&mut self, address: IpAddr, announce: bool) -> Result<(), String>;
+    /// How often the state is asserted again without a change (`None`: only on changes).
+    fn reassert(&self) -> Option<Duration>;
+}
+
+/// The ExaBGP API line that announces or withdraws `address` (as a host route).
+#[must_use]
+pub fn exabgp_line(address: IpAddr, announce: bool) -> String {
+    let length = if address.is_ipv4() { 32 } else { 128 };
+    let verb = if announce { "announce" } else { "withdraw" };
+    format!("{verb} route {address}/{length} next-hop self\n")
+}
+
+/// ExaBGP: this process is its API process; commands go to standard output.
+struct ExaBgp {
+    out: File,
+}
+
+impl Announcer for ExaBgp {
+    fn name(&self) -> &'static str {
+        "exabgp"
+    }
+    fn set(&mut self, address: IpAddr, announce: bool) -> Result<(), String> {
+        self.out
+            .write_all(exabgp_line(address, announce).as_bytes())
+            .and_then(|()| self.out.flush())
+            .map_err(|e| format!("standard output (ExaBGP gone?): {e}"))
+    }
+    fn reassert(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// BIRD: one protocol per address, enabled or disabled through `birdc`.
+struct Bird {
+    socket: PathBuf,
+    protocols: BTreeMap<IpAddr, String>,
+}
+
+impl Announcer for Bird {
+    fn name(&self) -> &'static str {
+        "bird"
+    }
+    fn set(&mut self, address: IpAddr, announce: bool) -> Result<(), String> {
+        let protocol = self
+            .protocols
+            .get(&address)
+            .ok_or_else(|| format!("no BIRD protocol for {address}"))?;
+        let verb = if announce { "enable" } else { "disable" };
+        let output = Command::new("birdc")
+            .arg("-s")
+            .arg(&self.socket)
+            .args([verb, protocol])
+            .output()
+            .map_err(|e| format!("birdc: {e} (is BIRD installed?)"))?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        let done = if announce { "enabled" } else { "disabled" };
+        if output.status.success()
+            && text
+                .lines()
+                .any(|l| l.starts_with(&format!("{protocol}:")) && l.contains(done))
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "birdc -s {} {verb} {protocol}: {} {}",
+                self.socket.display(),
+                text.trim(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    }
+    fn reassert(&self) -> Option<Duration> {
+        Some(BIRD_REASSERT)
+    }
+}
+
+fn open_speaker(bgp: &BgpConfig) -> Result<Box<dyn Announcer>, String> {
+    Ok(match bgp.speaker {
+        Speaker::Exabgp => {
+            // Written through a duplicate of fd 1, not `io::stdout()`: its lock may be held
+            // by the caller, and nothing else of this process writes to standard output.
+            let fd = io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| format!("standard output: {e}"))?;
+            Box::new(ExaBgp {
+                out: File::from(fd),
+            })
+        }
+        Speaker::Bird => Box::new(Bird {
+            socket: bgp.bird_socket.clone(),
+            protocols: bgp.bird_protocols.clone(),
+        }),
+    })
+}
+
+/// Whether the local mux is serving: it answers `status` and every worker reported lately.
+fn node_health(
+    client: &mut Option<ControlClient>,
+    path: &Path,
+    stall_ms: u32,
+) -> Result<(), String> {
+    if client.is_none() {
+        *client = Some(ControlClient::connect(path, MUX_TIMEOUT).map_err(|e| e.to_string())?);
+    }
+    let answer = client
+        .as_mut()
+        .map(|c| c.ask(&json!({"command": "status"})))
+        .unwrap_or_else(|| Err(io::Error::other("not connected")));
+    let status = match answer {
+        Ok(s) => s,
+        Err(e) => {
+            *client = None;
+            return Err(format!("the mux does not answer: {e}"));
+        }
+    };
+    if status["ok"] != true {
+        return Err(format!("the mux answers an error: {}", status["error"]));
+    }
+    let workers = status["workers"].as_array().map_or(&[][..], Vec::as_slice);
+    if workers.is_empty() {
+        return Err("the mux has no workers".into());
+    }
+    for w in workers {
+        match w["last_seen_ms"].as_u64() {
+            Some(ms) if ms <= u64::from(stall_ms) => {}
+            Some(ms) => {
+                return Err(format!(
+                    "worker {} stalled: last report {ms} ms ago",
+                    w["id"]
+                ));
+            }
+            None => return Err(format!("worker {} has not reported yet", w["id"])),
+        }
+    }
+    Ok(())
+}
+
+/// Per VIP address: announce, and why (or why not). A backend of weight 0 (drained) does not
+/// make a VIP servable.
+fn decide(
+    view: &View,
+    plan_addresses: &BTreeMap<IpAddr, Vec<String>>,
+    node: &Result<(), String>,
+) -> BTreeMap<IpAddr, (bool, String)> {
+    plan_addresses
+        .iter()
+        .map(|(address, vips)| {
+            if let Err(e) = node {
+                return (*address, (false, format!("node unhealthy: {e}")));
+            }
+            let empty: Vec<&String> = vips
+                .iter()
+                .filter(|vip| {
+                    !view
+                        .pairs
+                        .iter()
+                        .any(|p| &p.vip == *vip && p.healthy && p.weight > 0)
+                })
+                .collect();
+            if empty.is_empty() {
+                (
+                    *address,
+                    (
+                        true,
+                        "node healthy, every VIP has a healthy backend".to_owned(),
+                    ),
+                )
+            } else {
+                (
+                    *address,
+                    (false, format!("no healthy backend for VIP {empty:?}")),
+                )
+            }
+        })
+        .collect()
+}
+
+/// The BGP thread: see the module docs.
+fn bgp_loop(
+    shared: &Shared,
+    bgp: &BgpConfig,
+    local_mux: &Path,
+    addresses: &BTreeMap<IpAddr, Vec<String>>,
+    mut speaker: Box<dyn Announcer>,
+) {
+    let interval = Duration::from_millis(u64::from(bgp.decide_interval_ms));
+    let mut client = None;
+    let mut applied: BTreeMap<IpAddr, (bool, Instant)> = BTreeMap::new();
+    while !shared.stopping() {
+        let started = Instant::now();
+        let node = node_health(&mut client, local_mux, bgp.worker_stall_ms);
+        let decisions = decide(&shared.view(), addresses, &node);
+        for (address, (announce, why)) in &decisions {
+            let due = match applied.get(address) {
+                Some((done, at)) => {
+                    done != announce
+                        || speaker
+                            .reassert()
+                            .is_some_and(|every| at.elapsed() >= every)
+                }
+                None => true,
+            };
+            if !due {
+                continue;
+            }
+            let changed = applied
+                .get(address)
+                .is_none_or(|(done, _)| done != announce);
+            match speaker.set(*address, *announce) {
+                Ok(()) => {
+                    if changed {
+                        tracing::info!(%address, announce, reason = %why, speaker = speaker.name(), "BGP");
+                    }
+                    applied.insert(*address, (*announce, Instant::now()));
+                    metrics::gauge!("lb_healthcheck_announced", "address" => address.to_string())
+                        .set(f64::from(u8::from(*announce)));
+                }
+                Err(e) => {
+                    tracing::warn!(%address, announce, error = %e, "BGP speaker failed; retrying");
+                    applied.remove(address);
+                }
+            }
+        }
+        metrics::gauge!("lb_healthcheck_node_healthy").set(f64::from(u8::from(node.is_ok())));
+        shared.view().bgp = Some(BgpView {
+            speaker: speaker.name().to_owned(),
+            node_healthy: node.is_ok(),
+            reason: node
+                .err()
+                .unwrap_or_else(|| "the mux answers and its workers run".into()),
+            addresses: decisions
+                .into_iter()
+                .map(|(a, (want, why))| {
+                    let announced = applied.get(&a).is_some_and(|(done, _)| *done);
+                    let why = if announced == want {
+                        why
+                    } else {
+                        format!("{why} (speaker not updated yet)")
+                    };
+                    (a, (announced, why))
+                })
+                .collect(),
+        });
+        if let Some(rest) = interval.checked_sub(started.elapsed()) {
+            thread::sleep(rest);
+        }
+    }
+    for address in addresses.keys() {
+        match speaker.set(*address, false) {
+            Ok(()) => tracing::info!(%address, "BGP: withdrawn at exit"),
+            Err(e) => tracing::warn!(%address, error = %e, "BGP: cannot withdraw at exit"),
+        }
+    }
+}
+
+/// Renders a `status` answer of the health checker for a terminal.
+#[must_use]
+pub fn render_status(status: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "health checker {}  config {}",
+        status["node"].as_str().unwrap_or("?"),
+        status["config"].as_str().unwrap_or("?")
+    );
+    for m in status["muxes"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "mux {}  connected {}  full syncs {}  updates {}{}",
+            m["socket"].as_str().unwrap_or("?"),
+            m["connected"],
+            m["full_syncs"],
+            m["updates"],
+            m["last_error"]
+                .as_str()
+                .map_or_else(String::new, |e| format!("  last error: {e}"))
+        );
+    }
+    if let Some(bgp) = status["bgp"].as_object() {
+        let _ = writeln!(
+            s,
+            "bgp ({})  node healthy {}: {}",
+            bgp["speaker"].as_str().unwrap_or("?"),
+            bgp["node_healthy"],
+            bgp["reason"].as_str().unwrap_or("")
+        );
+        for a in bgp["addresses"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                s,
+                "  {:<40} {}  {}",
+                a["address"].as_str().unwrap_or("?"),
+                if a["announced"] == true {
+                    "announced"
+                } else {
+                    "withdrawn"
+                },
+                a["reason"].as_str().unwrap_or("")
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\n{:<12} {:<40} {:<9} {:<34} agent check",
+        "VIP", "backend", "state", "service check"
+    );
+    let check = |c: &Value| -> String {
+        if c.is_null() {
+            return "-".into();
+        }
+        let last = match (c["last_success"].as_bool(), c["last_latency_ms"].as_f64()) {
+            (Some(true), Some(ms)) => format!("ok {ms:.1} ms"),
+            (Some(false), _) => format!("fail ({})", c["last_error"].as_str().unwrap_or("?")),
+            _ => "not probed yet".into(),
+        };
+        format!(
+            "{} {last}, {} transitions",
+            if c["healthy"] == true { "up" } else { "down" },
+            c["transitions"]
+        )
+    };
+    for b in status["backends"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "{:<12} {:<40} {:<9} {:<34} {}",
+            b["vip"].as_str().unwrap_or("?"),
+            b["backend"].as_str().unwrap_or("?"),
+            if b["healthy"] == true {
+                "healthy"
+            } else {
+                "UNHEALTHY"
+            },
+            check(&b["service"]),
+            check(&b["agent"])
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exabgp_lines_are_host_routes() {
+        assert_eq!(
+            exabgp_line("198.18.100.1".parse().unwrap(), true),
+            "announce route 198.18.100.1/32 next-hop self\n"
+        );
+        assert_eq!(
+            exabgp_line("2001:2:0:100::1".parse().unwrap(), false),
+            "withdraw route 2001:2:0:100::1/128 next-hop self\n"
+        );
+    }
+
+    fn pair(vip: &str, healthy: bool) -> PairView {
+        PairView {
+            vip: vip.into(),
+            backend: "198.18.21.2".parse().unwrap(),
+            weight: 1,
+            healthy,
+            service: None,
+            agent: None,
+        }
+    }
+
+    #[test]
+    fn an_address_is_announced_only_if_the_node_and_every_vip_on_it_can_serve() {
+        let a: IpAddr = "198.18.100.1".parse().unwrap();
+        let addresses = BTreeMap::from([(a, vec!["web".to_owned(), "echo".to_owned()])]);
+        let mut view = View {
+            pairs: vec![pair("web", true), pair("web", false), pair("echo", true)],
+            ..View::default()
+        };
+        assert!(decide(&view, &addresses, &Ok(()))[&a].0);
+        assert!(!decide(&view, &addresses, &Err("mux down".into()))[&a].0);
+        view.pairs[2].healthy = false;
+        let (announce, why) = decide(&view, &addresses, &Ok(())).remove(&a).unwrap();
+        assert!(!announce);
+        assert!(why.contains("echo"), "{why}");
+    }
+}
