@@ -403,6 +403,67 @@ fn dead_backends_and_dead_agents_leave_every_mux_within_the_bound_and_return() {
     let hc = status(&sidecars[0].socket);
     assert!(hc["muxes"][0]["full_syncs"].as_u64().unwrap() >= 2, "{hc}");
 
+    // 5. Sidecar reloads: a bad file is rejected and the old config keeps checking; a good one
+    //    (new timing) keeps every state, so the dead backend stays out.
+    let hc_config = std::fs::read_to_string(&sidecars[0].config).unwrap();
+    std::fs::write(
+        &sidecars[0].config,
+        hc_config.replacen("timeout_ms = 300", "timeout_ms = 900", 1),
+    )
+    .unwrap();
+    lab.signal(sidecars[0].pid, libc::SIGHUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !lab.log(sidecars[0].pid).contains("reload rejected") {
+        assert!(
+            Instant::now() < deadline,
+            "bad reload not reported:\n{}",
+            lab.log(sidecars[0].pid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        lab.log(sidecars[0].pid).contains("vip[0].check.timeout_ms"),
+        "{}",
+        lab.log(sidecars[0].pid)
+    );
+    std::fs::write(
+        &sidecars[0].config,
+        hc_config.replace(&format!("interval_ms = {INTERVAL_MS}"), "interval_ms = 400"),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !lab.log(sidecars[0].pid).contains("config reloaded") {
+        assert!(
+            Instant::now() < deadline,
+            "file change not picked up:\n{}",
+            lab.log(sidecars[0].pid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let watch_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < watch_until {
+        assert_eq!(
+            mux_view(&mux_sockets[0], 1).0,
+            Some(false),
+            "the dead backend came back after a reload:\n{}\n{}\n{}",
+            lab.log(sidecars[0].pid),
+            lab.log(muxes[0].pid),
+            status(&sidecars[0].socket)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        agreed_fingerprint(&mux_sockets, "after the reload"),
+        without_be1
+    );
+    let hc = status(&sidecars[0].socket);
+    assert_eq!(
+        hc["backends"].as_array().map(Vec::len),
+        Some(BACKENDS),
+        "{hc}"
+    );
+    assert_eq!(hc["muxes"][0]["connected"], true, "{hc}");
+
     for s in &servers {
         s.store(true, Ordering::Relaxed);
     }

@@ -341,7 +341,7 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
             })
             .map_err(|e| e.to_string())?;
     }
-    let mut config_digest = file_digest(&options.config);
+    let mut config_digest = crate::control::file_digest(&options.config);
     let mut last_watch = Instant::now();
     tracing::info!(
         node = %config.node.name,
@@ -463,13 +463,13 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
         // here), and the SNAT split if it changed. A bad file is logged and the old one kept.
         if last_watch.elapsed() >= crate::mux::WATCH_INTERVAL {
             last_watch = Instant::now();
-            let digest = file_digest(&options.config);
+            let digest = crate::control::file_digest(&options.config);
             if digest.is_some() && digest != config_digest {
                 reload_requested.store(true, Ordering::Relaxed);
             }
         }
         if reload_requested.swap(false, Ordering::Relaxed) {
-            config_digest = file_digest(&options.config);
+            config_digest = crate::control::file_digest(&options.config);
             match Config::load(&options.config)
                 .map_err(|e| e.to_string())
                 .and_then(|c| Policy::from_config(&c).map(|p| (c, p)))
@@ -531,10 +531,6 @@ fn snat_tables(config: &Config, policy: &Policy) -> Vec<SnatTable> {
 const NEGATIVE_TTL: Duration = Duration::from_millis(200);
 /// Most sock_diag answers remembered.
 const KNOWN_CONNECTIONS: usize = 65_536;
-
-fn file_digest(path: &std::path::Path) -> Option<u64> {
-    std::fs::read(path).ok().map(|b| lb_core::hash::xxh3(&b, 0))
-}
 
 /// Mappings per SNAT address.
 const SNAT_CAPACITY: usize = 65_536;

@@ -156,7 +156,9 @@ impl std::fmt::Debug for ControlPlane {
 /// Why a control request failed.
 pub type ControlError = String;
 
-fn digest_of(path: &Path) -> Option<u64> {
+/// The digest of a config file's contents (`None`: unreadable), to notice a change.
+#[must_use]
+pub fn file_digest(path: &Path) -> Option<u64> {
     std::fs::read(path).ok().map(|b| xxh3(&b, 0))
 }
 
@@ -190,7 +192,7 @@ impl ControlPlane {
     /// Loads `config_path`, compiles generation 1, and returns the control plane with the
     /// [`Shared`] state the workers read.
     pub fn start(config_path: &Path) -> Result<(Arc<Self>, Arc<Shared>), ControlError> {
-        let file_digest = digest_of(config_path);
+        let file_digest = file_digest(config_path);
         let base = Config::load(config_path).map_err(|e| e.to_string())?;
         let snapshot =
             Snapshot::compile(&base, 1).map_err(|e| format!("{}: {e}", config_path.display()))?;
@@ -292,7 +294,7 @@ impl ControlPlane {
     /// keeps serving. Returns the new generation.
     pub fn reload(&self, trigger: &str) -> Result<u64, ControlError> {
         let mut inner = self.lock();
-        inner.file_digest = digest_of(&self.config_path);
+        inner.file_digest = file_digest(&self.config_path);
         let result = Config::load(&self.config_path)
             .map_err(|e| e.to_string())
             .and_then(|base| {
@@ -318,7 +320,7 @@ impl ControlPlane {
 
     /// Reloads if the file's contents changed since the last load (the file watcher).
     pub fn reload_if_changed(&self) -> Option<Result<u64, ControlError>> {
-        let now = digest_of(&self.config_path);
+        let now = file_digest(&self.config_path);
         if now.is_none() || now == self.lock().file_digest {
             return None;
         }

@@ -43,7 +43,7 @@ use lb_core::config::{Config, PortSpec};
 use lb_dataplane::control::HealthEntry;
 use lb_dataplane::socket::{ControlClient, ControlHandler, ControlSocket};
 use serde_json::{Value, json};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::engine::{Engine, EngineOptions, ProbeSpec, TargetId};
@@ -56,6 +56,8 @@ const MUX_TIMEOUT: Duration = Duration::from_secs(1);
 const SYNC_CHUNK: usize = 400;
 /// How often the view for `status` and the metrics is refreshed from the engine.
 const VIEW_REFRESH: Duration = Duration::from_millis(200);
+/// How often the config file is checked for changes.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// BIRD's state is asserted again this often even without a change (BIRD may have restarted).
 const BIRD_REASSERT: Duration = Duration::from_secs(5);
 
@@ -76,7 +78,6 @@ pub struct SidecarOptions {
 #[derive(Clone, Debug)]
 struct Pair {
     vip: String,
-    vip_address: IpAddr,
     backend: IpAddr,
     weight: u32,
     service: Option<TargetId>,
@@ -126,7 +127,6 @@ impl Plan {
                 });
                 pairs.push(Pair {
                     vip: vip.name.clone(),
-                    vip_address: vip.address,
                     backend: b.address,
                     weight: b.weight,
                     service,
@@ -295,16 +295,138 @@ impl ControlHandler for Shared {
     }
 }
 
-/// Runs `lb healthcheck` until SIGTERM or SIGINT.
-pub fn run(options: &SidecarOptions) -> Result<(), String> {
-    let config = Config::load(&options.config).map_err(|e| e.to_string())?;
+/// Loads the config and its `[healthcheck]` section.
+fn load(path: &Path) -> Result<(Config, HealthcheckConfig), String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
     let section = config.healthcheck.clone().ok_or_else(|| {
         format!(
-            "{}: no [healthcheck] section: name the muxes to publish to (or accept the default) by adding one",
-            options.config.display()
+            "{}: no [healthcheck] section: add one (an empty one publishes to this node's mux)",
+            path.display()
         )
     })?;
-    let plan = Plan::from_config(&config, &section);
+    Ok((config, section))
+}
+
+/// A target's identity across reloads: its VIP (or the agent label) and address. A changed
+/// check keeps the state: a dead backend must not count as healthy again for `fall` probes
+/// because its check's timing was edited.
+type TargetKey = (String, IpAddr);
+
+fn target_key(spec: &ProbeSpec) -> TargetKey {
+    (spec.vip.clone(), spec.backend)
+}
+
+/// How one generation (one config) ended.
+enum Ended {
+    Stop,
+    Reload {
+        config: Box<(Config, HealthcheckConfig)>,
+        states: BTreeMap<TargetKey, bool>,
+        bgp: Option<BgpCarry>,
+    },
+}
+
+/// What the BGP thread hands to the next generation: its speaker and what it applied.
+struct BgpCarry {
+    config: BgpConfig,
+    speaker: Box<dyn Announcer>,
+    applied: BTreeMap<IpAddr, (bool, Instant)>,
+}
+
+/// Runs `lb healthcheck` until SIGTERM or SIGINT. Reloads its config on SIGHUP and when the
+/// file's contents change: a bad file is logged and the old config keeps running; a good one
+/// carries every check's state over (same VIP and backend) and re-sends the full state to the
+/// muxes.
+pub fn run(options: &SidecarOptions) -> Result<(), String> {
+    let (mut config, mut section) = load(&options.config)?;
+    let shared = Arc::new(Shared {
+        node: config.node.name.clone(),
+        config_path: options.config.clone(),
+        stopping: AtomicBool::new(false),
+        view: Mutex::new(View::default()),
+    });
+    let socket_path = options
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| section.control_socket_path(&config.node.name));
+    let _socket =
+        ControlSocket::serve(Arc::clone(&shared) as Arc<dyn ControlHandler>, &socket_path)
+            .map_err(|e| e.to_string())?;
+    if !options.no_metrics {
+        lb_dataplane::exporter::install(
+            options.metrics_address.unwrap_or(section.metrics_address),
+        )?;
+    }
+    let reload_requested = Arc::new(AtomicBool::new(false));
+    {
+        let mut signals =
+            Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(|e| format!("signal handlers: {e}"))?;
+        let shared = Arc::clone(&shared);
+        let reload_requested = Arc::clone(&reload_requested);
+        thread::Builder::new()
+            .name("lb-signals".into())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    if signal == SIGHUP {
+                        reload_requested.store(true, Ordering::Relaxed);
+                        continue;
+                    }
+                    tracing::info!(signal, "shutting down");
+                    shared.stopping.store(true, Ordering::Relaxed);
+                    break;
+                }
+            })
+            .map_err(|e| e.to_string())?;
+    }
+    tracing::info!(node = %config.node.name, socket = %socket_path.display(), "health checker starting");
+    let mut states: Option<BTreeMap<TargetKey, bool>> = None;
+    let mut bgp: Option<BgpCarry> = None;
+    loop {
+        let ended = serve(
+            &shared,
+            options,
+            &config,
+            &section,
+            states.take(),
+            bgp.take(),
+            &reload_requested,
+        )?;
+        match ended {
+            Ended::Stop => break,
+            Ended::Reload {
+                config: new,
+                states: carried,
+                bgp: carried_bgp,
+            } => {
+                let (new_config, new_section) = *new;
+                if new_section.metrics_address != section.metrics_address
+                    || new_section.control_socket != section.control_socket
+                {
+                    tracing::warn!(
+                        "healthcheck.metrics_address and control_socket change only at restart"
+                    );
+                }
+                (config, section) = (new_config, new_section);
+                states = Some(carried);
+                bgp = carried_bgp;
+            }
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Runs one config until stop or a good reload.
+fn serve(
+    shared: &Arc<Shared>,
+    options: &SidecarOptions,
+    config: &Config,
+    section: &HealthcheckConfig,
+    states: Option<BTreeMap<TargetKey, bool>>,
+    previous_bgp: Option<BgpCarry>,
+    reload_requested: &AtomicBool,
+) -> Result<Ended, String> {
+    let plan = Plan::from_config(config, section);
     if plan.specs.is_empty() {
         tracing::warn!(
             "no [vip.check] and no [healthcheck.agent_check]: every backend counts as healthy"
@@ -324,38 +446,33 @@ pub fn run(options: &SidecarOptions) -> Result<(), String> {
         },
     )
     .map_err(|e| format!("probe engine: {e}"))?;
-    seed_from_mux(&mut engine, &plan, &local_mux);
-
-    let shared = Arc::new(Shared {
-        node: config.node.name.clone(),
-        config_path: options.config.clone(),
-        stopping: AtomicBool::new(false),
-        view: Mutex::new(View {
-            pairs: Vec::new(),
-            muxes: mux_sockets
-                .iter()
-                .map(|s| MuxView {
-                    socket: s.clone(),
-                    ..MuxView::default()
-                })
-                .collect(),
-            bgp: None,
-        }),
-    });
-    refresh_view(&shared, &engine, &plan);
-
-    let socket_path = options
-        .control_socket
-        .clone()
-        .unwrap_or_else(|| section.control_socket_path(&config.node.name));
-    let _socket =
-        ControlSocket::serve(Arc::clone(&shared) as Arc<dyn ControlHandler>, &socket_path)
-            .map_err(|e| e.to_string())?;
-    if !options.no_metrics {
-        lb_dataplane::exporter::install(
-            options.metrics_address.unwrap_or(section.metrics_address),
-        )?;
+    match &states {
+        None => seed_from_mux(&mut engine, &plan, &local_mux),
+        Some(states) => {
+            let mut kept = 0usize;
+            for (i, spec) in plan.specs.iter().enumerate() {
+                if let Some(&healthy) = states.get(&target_key(spec)) {
+                    engine.seed(TargetId(i), healthy);
+                    kept += 1;
+                }
+            }
+            let unhealthy = states.values().filter(|h| !**h).count();
+            tracing::info!(
+                kept,
+                new = plan.specs.len() - kept,
+                unhealthy,
+                "check states carried over"
+            );
+        }
     }
+    shared.view().muxes = mux_sockets
+        .iter()
+        .map(|s| MuxView {
+            socket: s.clone(),
+            ..MuxView::default()
+        })
+        .collect();
+    refresh_view(shared, &engine, &plan);
 
     let mut health: Vec<bool> = plan
         .pairs
@@ -371,12 +488,14 @@ pub fn run(options: &SidecarOptions) -> Result<(), String> {
             })
             .collect()
     };
+    // Set when this generation ends (stop or reload); its threads leave then.
+    let ending = Arc::new(AtomicBool::new(false));
     let mut publishers: Vec<Sender<Vec<HealthEntry>>> = Vec::new();
     let mut threads = Vec::new();
     for (index, path) in mux_sockets.iter().enumerate() {
         let (tx, rx) = crossbeam_channel::unbounded();
         let initial = entries(&health, &mut (0..plan.pairs.len()));
-        let shared = Arc::clone(&shared);
+        let shared = Arc::clone(shared);
         let path = path.clone();
         threads.push(
             thread::Builder::new()
@@ -386,54 +505,65 @@ pub fn run(options: &SidecarOptions) -> Result<(), String> {
         );
         publishers.push(tx);
     }
-    if let Some(bgp) = section.bgp.clone() {
-        let speaker = open_speaker(&bgp)?;
-        let shared = Arc::clone(&shared);
-        let local_mux = local_mux.clone();
-        let mut addresses: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
-        for pair in &plan.pairs {
-            let vips = addresses.entry(pair.vip_address).or_default();
-            if !vips.contains(&pair.vip) {
-                vips.push(pair.vip.clone());
+    let mut bgp_thread = None;
+    let previous_bgp = match (previous_bgp, &section.bgp) {
+        (Some(carry), Some(bgp)) if carry.config.speaker == bgp.speaker => Some(carry),
+        (Some(mut carry), _) => {
+            // Another speaker, or none: nothing stays announced through the old one.
+            for address in carry.applied.keys() {
+                if let Err(e) = carry.speaker.set(*address, false) {
+                    tracing::warn!(%address, error = %e, "BGP: cannot withdraw through the old speaker");
+                }
             }
+            None
         }
-        for vip in config.vips.iter().filter(|v| v.backends.is_empty()) {
+        (None, _) => None,
+    };
+    shared.view().bgp = None;
+    if let Some(bgp) = section.bgp.clone() {
+        let (speaker, applied) = match previous_bgp {
+            Some(carry) => (carry.speaker, carry.applied),
+            None => (open_speaker(&bgp)?, BTreeMap::new()),
+        };
+        let mut addresses: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+        for vip in &config.vips {
             addresses
                 .entry(vip.address)
                 .or_default()
                 .push(vip.name.clone());
         }
-        threads.push(
+        let shared = Arc::clone(shared);
+        let local_mux = local_mux.clone();
+        let ending = Arc::clone(&ending);
+        bgp_thread = Some(
             thread::Builder::new()
                 .name("lb-bgp".into())
-                .spawn(move || bgp_loop(&shared, &bgp, &local_mux, &addresses, speaker))
+                .spawn(move || {
+                    let carry = BgpCarry {
+                        config: bgp,
+                        speaker,
+                        applied,
+                    };
+                    bgp_loop(&shared, &local_mux, &addresses, carry, &ending)
+                })
                 .map_err(|e| e.to_string())?,
         );
     }
-    {
-        let mut signals =
-            Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("signal handlers: {e}"))?;
-        let shared = Arc::clone(&shared);
-        thread::Builder::new()
-            .name("lb-signals".into())
-            .spawn(move || {
-                if let Some(signal) = signals.forever().next() {
-                    tracing::info!(signal, "shutting down");
-                    shared.stopping.store(true, Ordering::Relaxed);
-                }
-            })
-            .map_err(|e| e.to_string())?;
-    }
     tracing::info!(
-        node = %config.node.name,
         pairs = plan.pairs.len(),
         probes = engine.probe_count(),
         muxes = mux_sockets.len(),
-        socket = %socket_path.display(),
+        bgp = section.bgp.as_ref().map_or("off", |b| match b.speaker {
+            Speaker::Exabgp => "exabgp",
+            Speaker::Bird => "bird",
+        }),
         "health checker running"
     );
 
     let mut last_refresh = Instant::now();
+    let mut last_watch = Instant::now();
+    let mut digest = lb_dataplane::control::file_digest(&options.config);
+    let mut reload = None;
     while !shared.stopping() {
         let round = engine
             .run_once(Duration::from_millis(100))
@@ -482,19 +612,57 @@ pub fn run(options: &SidecarOptions) -> Result<(), String> {
                     let _ = p.send(update.clone());
                 }
             }
-            refresh_view(&shared, &engine, &plan);
+            refresh_view(shared, &engine, &plan);
             last_refresh = Instant::now();
         } else if last_refresh.elapsed() >= VIEW_REFRESH {
-            refresh_view(&shared, &engine, &plan);
+            refresh_view(shared, &engine, &plan);
             last_refresh = Instant::now();
         }
+        let signalled = reload_requested.swap(false, Ordering::Relaxed);
+        if signalled || last_watch.elapsed() >= WATCH_INTERVAL {
+            last_watch = Instant::now();
+            let now = lb_dataplane::control::file_digest(&options.config);
+            if signalled || now != digest {
+                digest = now;
+                match load(&options.config) {
+                    Ok(loaded) => {
+                        tracing::info!(
+                            trigger = if signalled { "SIGHUP" } else { "file changed" },
+                            "config reloaded"
+                        );
+                        metrics::counter!("lb_healthcheck_reloads_total", "result" => "ok")
+                            .increment(1);
+                        reload = Some(loaded);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload rejected; the old config keeps running");
+                        metrics::counter!("lb_healthcheck_reloads_total", "result" => "failed")
+                            .increment(1);
+                    }
+                }
+            }
+        }
     }
+    ending.store(true, Ordering::Relaxed);
     drop(publishers);
     for t in threads {
         let _ = t.join();
     }
-    tracing::info!("stopped");
-    Ok(())
+    let bgp = bgp_thread.and_then(|t| t.join().ok()).flatten();
+    Ok(match reload {
+        None => Ended::Stop,
+        Some(loaded) => Ended::Reload {
+            config: Box::new(loaded),
+            states: plan
+                .specs
+                .iter()
+                .enumerate()
+                .map(|(i, spec)| (target_key(spec), engine.target(TargetId(i)).healthy))
+                .collect(),
+            bgp,
+        },
+    })
 }
 
 /// Seeds the engine from what the local mux remembers (a restarted sidecar keeps the verdicts
@@ -876,18 +1044,38 @@ fn decide(
         .collect()
 }
 
-/// The BGP thread: see the module docs.
+/// The BGP thread: see the module docs. Returns its speaker and state to the next generation
+/// on a reload; on stop, withdraws everything and returns `None`.
 fn bgp_loop(
     shared: &Shared,
-    bgp: &BgpConfig,
     local_mux: &Path,
     addresses: &BTreeMap<IpAddr, Vec<String>>,
-    mut speaker: Box<dyn Announcer>,
-) {
+    carry: BgpCarry,
+    ending: &AtomicBool,
+) -> Option<BgpCarry> {
+    let BgpCarry {
+        config: bgp,
+        mut speaker,
+        mut applied,
+    } = carry;
+    // Addresses the previous config announced and this one lacks.
+    let gone: Vec<IpAddr> = applied
+        .keys()
+        .filter(|a| !addresses.contains_key(a))
+        .copied()
+        .collect();
+    for address in gone {
+        match speaker.set(address, false) {
+            Ok(()) => {
+                tracing::info!(%address, "BGP: withdrawn, no VIP has this address any more");
+                applied.remove(&address);
+            }
+            Err(e) => tracing::warn!(%address, error = %e, "BGP: cannot withdraw"),
+        }
+    }
     let interval = Duration::from_millis(u64::from(bgp.decide_interval_ms));
     let mut client = None;
-    let mut applied: BTreeMap<IpAddr, (bool, Instant)> = BTreeMap::new();
-    while !shared.stopping() {
+    while !ending.load(Ordering::Relaxed) && !shared.stopping() {
         let started = Instant::now();
         let node = node_health(&mut client, local_mux, bgp.worker_stall_ms);
         let decisions = decide(&shared.view(), addresses, &node);
@@ -946,12 +1134,20 @@ fn bgp_loop(
             thread::sleep(rest);
         }
     }
+    if !shared.stopping() {
+        return Some(BgpCarry {
+            config: bgp,
+            speaker,
+            applied,
+        });
+    }
     for address in addresses.keys() {
         match speaker.set(*address, false) {
             Ok(()) => tracing::info!(%address, "BGP: withdrawn at exit"),
             Err(e) => tracing::warn!(%address, error = %e, "BGP: cannot withdraw at exit"),
         }
     }
+    None
 }
 
 /// Renders a `status` answer of the health checker for a terminal.
