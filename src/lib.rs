@@ -7,6 +7,7 @@
 //! and a closed pipe (`lb table … | head`) ends the command quietly instead of panicking.
 
 pub mod bench;
+pub mod bird_lab;
 pub mod blast;
 pub mod forward_bench;
 pub mod netns;
