@@ -222,8 +222,15 @@ pub fn start_router(lab: &mut Lab, fleet: &Fleet, muxes: &[usize]) -> io::Result
 
 /// Starts the BGP speaker in mux `i`'s namespace (1-based): it announces [`Fleet::VIP`]/32
 /// from static protocol [`VIP_PROTOCOL`] to the router over session [`SPEAKER_SESSION`].
+/// With `announce_at_start` false the protocol starts disabled, as in production: nothing is
+/// announced until the health-check sidecar has found the node healthy and enabled it.
 /// Returns once BIRD answers on its control socket.
-pub fn start_speaker(lab: &mut Lab, fleet: &Fleet, i: usize) -> io::Result<Bird> {
+pub fn start_speaker(
+    lab: &mut Lab,
+    fleet: &Fleet,
+    i: usize,
+    announce_at_start: bool,
+) -> io::Result<Bird> {
     if i == 0 || i > fleet.plan().muxes {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -234,7 +241,7 @@ pub fn start_speaker(lab: &mut Lab, fleet: &Fleet, i: usize) -> io::Result<Bird>
         "router id {mux};\n\
          log stderr all;\n\
          protocol device {{ }}\n\
-         protocol static {VIP_PROTOCOL} {{ ipv4; route {vip}/32 blackhole; }}\n\
+         protocol static {VIP_PROTOCOL} {{ disabled {disabled}; ipv4; route {vip}/32 blackhole; }}\n\
          protocol bgp {SPEAKER_SESSION} {{\n  \
            local {mux} as {MUX_AS};\n  \
            neighbor {router} as {ROUTER_AS};\n  \
@@ -244,6 +251,7 @@ pub fn start_speaker(lab: &mut Lab, fleet: &Fleet, i: usize) -> io::Result<Bird>
         mux = Fleet::mux_address(i),
         vip = Fleet::VIP,
         router = Fleet::router_mux_side(i),
+        disabled = if announce_at_start { "no" } else { "yes" },
     );
     start(lab, fleet.mux(i), &format!("bird-mux{i}"), &config)
 }
