@@ -1,6 +1,7 @@
 //! BGP driven by the health-check sidecar, in namespaces (root): BIRD 2 as the router in front
-//! of two muxes (`lb::bird_lab`), and on each mux node `lb mux`, a BIRD speaker whose VIP
-//! protocol starts disabled, and `lb healthcheck` driving that speaker through birdc.
+//! of two muxes (`lb::bird_lab`), and on each mux node `lb mux` and `lb healthcheck`. Mux 1's
+//! sidecar drives a BIRD speaker whose VIP protocol starts disabled (through birdc); mux 2's
+//! sidecar is the API process of a real ExaBGP (announce/withdraw lines on its stdout).
 //!
 //! - Once both sidecars find their node healthy, the router has one ECMP route over both muxes.
 //! - `lb mux` on mux 1 stops (SIGTERM) → its sidecar withdraws, and the router's route loses
@@ -10,8 +11,9 @@
 //!   backend) and the router has no route; it serves again → both announce.
 //! - A sidecar stopped with SIGTERM withdraws before exiting.
 //! - The BGP sessions stay established throughout (no flap), and no mux kernel gets the VIP.
+//! - ExaBGP stopping takes its sidecar along (the sidecar sees its pipe close).
 //!
-//! Needs root (fails with `require_root`'s message otherwise) and bird2.
+//! Needs root (fails with `require_root`'s message otherwise), bird2 and exabgp.
 
 mod common;
 
@@ -32,9 +34,9 @@ const CONVERGE: Duration = Duration::from_secs(2);
 const FALL_BOUND: Duration = Duration::from_millis(300 * 3 + 1000);
 
 /// BGP sessions of every BIRD, as `show protocols` shows them: (which BIRD, protocol line).
-fn sessions(router: &Bird, speakers: &[Bird]) -> Vec<(String, Protocol)> {
+fn sessions(router: &Bird, muxes: usize, speakers: &[Bird]) -> Vec<(String, Protocol)> {
     let mut all = Vec::new();
-    for i in 1..=speakers.len() {
+    for i in 1..=muxes {
         let name = router_session(i);
         all.push(("router".to_owned(), router.protocol(&name).unwrap()));
     }
@@ -45,19 +47,81 @@ fn sessions(router: &Bird, speakers: &[Bird]) -> Vec<(String, Protocol)> {
     all
 }
 
-fn mux_config(i: usize, bird: &Bird) -> String {
+/// Mux `i`'s config; its sidecar speaks BGP through `bird` (BIRD) or, if `None`, as ExaBGP's
+/// API process.
+fn mux_config(i: usize, bird: Option<&Bird>) -> String {
+    let bgp = match bird {
+        Some(bird) => format!(
+            "speaker = \"bird\"\nbird_socket = {:?}\nbird_protocols = {{ \"{}\" = \"{VIP_PROTOCOL}\" }}\n",
+            bird.socket,
+            Fleet::VIP
+        ),
+        None => "speaker = \"exabgp\"\n".to_owned(),
+    };
     format!(
         "[node]\nname = \"mux{i}\"\ninterface = \"m0\"\naddress_v4 = \"{mux}\"\nmtu = 1600\ncontrol_socket = SOCKET\n\
          [[vip]]\nname = \"web\"\naddress = \"{vip}\"\nprotocol = \"tcp\"\nport = 80\nencap = \"ipip\"\n\
          [vip.check]\ntype = \"tcp\"\ninterval_ms = 300\ntimeout_ms = 200\nrise = 2\nfall = 3\n\
          [[vip.backend]]\naddress = \"{backend}\"\n\
          [healthcheck]\ncontrol_socket = \"HC\"\n\
-         [healthcheck.bgp]\nspeaker = \"bird\"\nbird_socket = {socket:?}\nbird_protocols = {{ \"{vip}\" = \"{VIP_PROTOCOL}\" }}\n",
+         [healthcheck.bgp]\n{bgp}",
         mux = Fleet::mux_address(i),
         vip = Fleet::VIP,
         backend = Fleet::backend_address(1),
-        socket = bird.socket,
     )
+}
+
+/// Starts ExaBGP in mux `i`'s namespace with `lb healthcheck --config sidecar_config` as its
+/// API process (the sidecar's stdout is ExaBGP's command channel); returns ExaBGP's pid once
+/// the sidecar's control socket answers.
+fn start_exabgp(
+    lab: &mut Lab,
+    fleet: &Fleet,
+    i: usize,
+    sidecar_config: &std::path::Path,
+    sidecar_socket: &std::path::Path,
+) -> u32 {
+    let config = lab.log_dir().join(format!("exabgp-mux{i}.conf"));
+    std::fs::write(
+        &config,
+        format!(
+            "process healthcheck {{\n  run {lb} healthcheck --config {sidecar} --no-metrics;\n  encoder text;\n}}\n\
+             neighbor {router} {{\n  router-id {mux};\n  local-address {mux};\n  local-as {mux_as};\n  peer-as {router_as};\n  \
+             hold-time 6;\n  family {{ ipv4 unicast; }}\n  api {{ processes [ healthcheck ]; }}\n}}\n",
+            lb = env!("CARGO_BIN_EXE_lb"),
+            sidecar = sidecar_config.display(),
+            router = Fleet::router_mux_side(i),
+            mux = Fleet::mux_address(i),
+            mux_as = bird_lab::MUX_AS,
+            router_as = bird_lab::ROUTER_AS,
+        ),
+    )
+    .unwrap();
+    let pid = lab
+        .spawn(
+            fleet.mux(i),
+            std::process::Command::new("exabgp")
+                .arg(&config)
+                .env("exabgp.daemon.user", "root")
+                .env("exabgp.daemon.drop", "false")
+                .env("exabgp.api.cli", "false")
+                .env("exabgp.log.destination", "stdout")
+                .env("exabgp.tcp.bind", "")
+                .env("RUST_LOG", "info"),
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lb_dataplane::socket::request(sidecar_socket, &serde_json::json!({"command": "status"}))
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline && lab.wait(pid, Duration::ZERO).is_none(),
+            "ExaBGP with the sidecar did not start:\n{}",
+            lab.log(pid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    pid
 }
 
 #[test]
@@ -84,13 +148,12 @@ fn the_sidecar_withdraws_a_dead_mux_and_a_vip_without_backends_and_announces_the
         Arc::clone(&stop_server),
     );
     let router = bird_lab::start_router(&mut lab, &fleet, &[1, 2]).expect("router BIRD");
-    let speakers: Vec<Bird> = (1..=2)
-        .map(|i| bird_lab::start_speaker(&mut lab, &fleet, i, false).expect("speaker BIRD"))
-        .collect();
+    // Mux 1 speaks through BIRD, mux 2 through ExaBGP (the sidecar is its API process).
+    let speakers = vec![bird_lab::start_speaker(&mut lab, &fleet, 1, false).expect("speaker BIRD")];
     let mut muxes = Vec::new();
     let mut sidecars = Vec::new();
     for i in 1..=2 {
-        let text = mux_config(i, &speakers[i - 1]);
+        let text = mux_config(i, speakers.get(i - 1));
         let mux = common::start_node(
             &mut lab,
             &fleet.muxes[i - 1],
@@ -102,14 +165,30 @@ fn the_sidecar_withdraws_a_dead_mux_and_a_vip_without_backends_and_announces_the
         let sidecar_text = text
             .replace("SOCKET", &format!("{:?}", mux.socket))
             .replace("\"HC\"", "SOCKET");
-        sidecars.push(common::start_node(
-            &mut lab,
-            &fleet.muxes[i - 1],
-            "healthcheck",
-            &format!("hc{i}"),
-            &sidecar_text,
-            &["--no-metrics"],
-        ));
+        if i == 1 {
+            sidecars.push(common::start_node(
+                &mut lab,
+                &fleet.muxes[0],
+                "healthcheck",
+                "hc1",
+                &sidecar_text,
+                &["--no-metrics"],
+            ));
+        } else {
+            let socket = lab.log_dir().join("hc2.sock");
+            let config = lab.log_dir().join("hc2.toml");
+            std::fs::write(
+                &config,
+                sidecar_text.replace("SOCKET", &format!("{socket:?}")),
+            )
+            .unwrap();
+            let pid = start_exabgp(&mut lab, &fleet, 2, &config, &socket);
+            sidecars.push(common::Node {
+                pid,
+                socket,
+                config,
+            });
+        }
         muxes.push(mux);
     }
     let pids: Vec<u32> = sidecars.iter().map(|s| s.pid).collect();
@@ -138,7 +217,7 @@ fn the_sidecar_withdraws_a_dead_mux_and_a_vip_without_backends_and_announces_the
         Duration::from_secs(30),
         "both sidecars find their node healthy",
     );
-    let before = sessions(&router, &speakers);
+    let before = sessions(&router, 2, &speakers);
     for (who, p) in &before {
         assert_eq!(
             (p.state.as_str(), p.info.as_str()),
@@ -209,22 +288,43 @@ fn the_sidecar_withdraws_a_dead_mux_and_a_vip_without_backends_and_announces_the
         "the backend serves again",
     );
 
-    // A sidecar stopping withdraws first.
-    lab.signal(sidecars[1].pid, libc::SIGTERM).unwrap();
-    expect(&lab, &[mux1], CONVERGE, "sidecar 2 stopped (SIGTERM)");
-    let code = lab.wait(sidecars[1].pid, Duration::from_secs(5));
+    // A sidecar stopping withdraws first (BIRD's), and ExaBGP stopping takes its sidecar along.
+    lab.signal(sidecars[0].pid, libc::SIGTERM).unwrap();
+    expect(&lab, &[mux2], CONVERGE, "sidecar 1 stopped (SIGTERM)");
+    let code = lab.wait(sidecars[0].pid, Duration::from_secs(5));
     assert!(
         code.is_some_and(|c| c.success()),
         "sidecar exit {code:?}\n{}",
-        lab.log(sidecars[1].pid)
+        lab.log(sidecars[0].pid)
     );
-
     assert_eq!(
-        sessions(&router, &speakers),
+        sessions(&router, 2, &speakers),
         before,
-        "a BGP session changed state\n{}",
+        "a BGP session changed state before ExaBGP stopped\n{}",
         diagnostics(&lab)
     );
+    lab.signal(sidecars[1].pid, libc::SIGTERM).unwrap();
+    expect(
+        &lab,
+        &[],
+        Duration::from_secs(10),
+        "ExaBGP (with sidecar 2) stopped (the session closes)",
+    );
+    assert!(
+        lab.wait(sidecars[1].pid, Duration::from_secs(10)).is_some(),
+        "ExaBGP did not exit:\n{}",
+        lab.log(sidecars[1].pid)
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::exists(&sidecars[1].socket).unwrap_or(false) {
+        assert!(
+            Instant::now() < deadline,
+            "sidecar 2 outlived ExaBGP:\n{}",
+            lab.log(sidecars[1].pid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     for (i, mux) in fleet.muxes.iter().enumerate() {
         let route = mux
             .ip(&["-4", "route", "show", &format!("{}/32", Fleet::VIP)])

@@ -205,7 +205,8 @@ fn dead_backends_and_dead_agents_leave_every_mux_within_the_bound_and_return() {
             "healthcheck",
             &format!("hc{i}"),
             &sidecar_text,
-            &["--no-metrics"],
+            // Sidecar 1 serves metrics on its default address, inside mux 1's namespace.
+            if i == 1 { &[] } else { &["--no-metrics"] },
         ));
         muxes.push(mux);
     }
@@ -296,6 +297,24 @@ fn dead_backends_and_dead_agents_leave_every_mux_within_the_bound_and_return() {
                 && l.contains("refused")),
         "lb status shows the dead backend and why:\n{shown}"
     );
+
+    let metrics = common::metrics_text(&fleet.muxes[0], "127.0.0.1:9478");
+    let be2 = Fleet::backend_address(2);
+    for expected in [
+        format!("lb_healthcheck_backend_healthy{{vip=\"web\",backend=\"{be2}\"}} 0"),
+        format!(
+            "lb_healthcheck_backend_healthy{{vip=\"web\",backend=\"{}\"}} 1",
+            Fleet::backend_address(1)
+        ),
+        format!("lb_healthcheck_transitions_total{{vip=\"web\",backend=\"{be2}\"}} 1"),
+        "lb_healthcheck_mux_connected{".to_owned(),
+        "lb_healthcheck_probe_latency_seconds{vip=\"web\"".to_owned(),
+    ] {
+        assert!(
+            metrics.contains(&expected),
+            "metrics lack {expected:?}:\n{metrics}"
+        );
+    }
 
     // 2. It comes back.
     servers[1] = server(&fleet, 2);

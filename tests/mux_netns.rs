@@ -166,20 +166,6 @@ fn tcp_syns(client: &Namespace, n: usize) {
         .unwrap();
 }
 
-fn metrics_text(ns: &Namespace) -> String {
-    ns.enter(|| {
-        let mut s = TcpStream::connect("127.0.0.1:9477").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .unwrap();
-        let mut body = String::new();
-        let _ = s.read_to_string(&mut body);
-        body
-    })
-    .join()
-    .unwrap()
-}
-
 #[test]
 fn every_flow_reaches_the_same_backend_through_either_mux_in_both_encaps() {
     require_root(
@@ -288,7 +274,7 @@ fn every_flow_reaches_the_same_backend_through_either_mux_in_both_encaps() {
     assert_eq!(s1["counters"]["drops"]["internal"], 0);
     let workers = s1["workers"].as_array().unwrap();
     assert_eq!(workers.len(), 2);
-    let metrics = metrics_text(&fleet.muxes[0]);
+    let metrics = common::metrics_text(&fleet.muxes[0], "127.0.0.1:9477");
     assert!(metrics.contains("lb_backend_packets_total{"), "{metrics}");
     assert!(metrics.contains(&format!(
         "fingerprint=\"{}\"",

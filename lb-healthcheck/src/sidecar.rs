@@ -523,7 +523,7 @@ fn serve(
     if let Some(bgp) = section.bgp.clone() {
         let (speaker, applied) = match previous_bgp {
             Some(carry) => (carry.speaker, carry.applied),
-            None => (open_speaker(&bgp)?, BTreeMap::new()),
+            None => (open_speaker(&bgp, shared)?, BTreeMap::new()),
         };
         let mut addresses: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
         for vip in &config.vips {
@@ -868,6 +868,10 @@ trait Announcer: Send {
     fn set(&mut self, address: IpAddr, announce: bool) -> Result<(), String>;
     /// How often the state is asserted again without a change (`None`: only on changes).
     fn reassert(&self) -> Option<Duration>;
+    /// The speaker is gone for good (ExaBGP closed our pipe): the sidecar stops.
+    fn gone(&self) -> bool {
+        false
+    }
 }
 
 /// The ExaBGP API line that announces or withdraws `address` (as a host route).
@@ -881,6 +885,7 @@ pub fn exabgp_line(address: IpAddr, announce: bool) -> String {
 /// ExaBGP: this process is its API process; commands go to standard output.
 struct ExaBgp {
     out: File,
+    gone: bool,
 }
 
 impl Announcer for ExaBgp {
@@ -888,13 +893,20 @@ impl Announcer for ExaBgp {
         "exabgp"
     }
     fn set(&mut self, address: IpAddr, announce: bool) -> Result<(), String> {
-        self.out
+        let written = self
+            .out
             .write_all(exabgp_line(address, announce).as_bytes())
-            .and_then(|()| self.out.flush())
-            .map_err(|e| format!("standard output (ExaBGP gone?): {e}"))
+            .and_then(|()| self.out.flush());
+        written.map_err(|e| {
+            self.gone |= e.kind() == io::ErrorKind::BrokenPipe;
+            format!("standard output (ExaBGP's pipe): {e}")
+        })
     }
     fn reassert(&self) -> Option<Duration> {
         None
+    }
+    fn gone(&self) -> bool {
+        self.gone
     }
 }
 
@@ -942,9 +954,10 @@ impl Announcer for Bird {
     }
 }
 
-fn open_speaker(bgp: &BgpConfig) -> Result<Box<dyn Announcer>, String> {
+fn open_speaker(bgp: &BgpConfig, shared: &Arc<Shared>) -> Result<Box<dyn Announcer>, String> {
     Ok(match bgp.speaker {
         Speaker::Exabgp => {
+            watch_exabgp(shared);
             // Written through a duplicate of fd 1, not `io::stdout()`: its lock may be held
             // by the caller, and nothing else of this process writes to standard output.
             let fd = io::stdout()
@@ -953,6 +966,7 @@ fn open_speaker(bgp: &BgpConfig) -> Result<Box<dyn Announcer>, String> {
                 .map_err(|e| format!("standard output: {e}"))?;
             Box::new(ExaBgp {
                 out: File::from(fd),
+                gone: false,
             })
         }
         Speaker::Bird => Box::new(Bird {
@@ -960,6 +974,26 @@ fn open_speaker(bgp: &BgpConfig) -> Result<Box<dyn Announcer>, String> {
             protocols: bgp.bird_protocols.clone(),
         }),
     })
+}
+
+/// ExaBGP closes the API process's standard input when it stops: the sidecar stops too (it
+/// would otherwise outlive its speaker, announcing into nothing). Started once per process.
+fn watch_exabgp(shared: &Arc<Shared>) {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let shared = Arc::clone(shared);
+        let spawned = thread::Builder::new()
+            .name("lb-exabgp-stdin".into())
+            .spawn(move || {
+                // ExaBGP's messages (none are asked for) are read and ignored.
+                let _ = io::copy(&mut io::stdin().lock(), &mut io::sink());
+                tracing::warn!("standard input closed: ExaBGP stopped; stopping");
+                shared.stopping.store(true, Ordering::Relaxed);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot watch ExaBGP's pipe");
+        }
+    });
 }
 
 /// Whether the local mux is serving: it answers `status` and every worker reported lately.
@@ -1103,6 +1137,11 @@ fn bgp_loop(
                     applied.insert(*address, (*announce, Instant::now()));
                     metrics::gauge!("lb_healthcheck_announced", "address" => address.to_string())
                         .set(f64::from(u8::from(*announce)));
+                }
+                Err(e) if speaker.gone() => {
+                    tracing::error!(%address, error = %e, "BGP speaker gone; stopping");
+                    shared.stopping.store(true, Ordering::Relaxed);
+                    return None;
                 }
                 Err(e) => {
                     tracing::warn!(%address, announce, error = %e, "BGP speaker failed; retrying");

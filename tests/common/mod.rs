@@ -699,3 +699,19 @@ pub fn send_raw(packet: &[u8], to: IpAddr) {
     let report = tx.flush().expect("flushed");
     assert_eq!(report.sent, 1, "not sent: {:?}", tx.errors());
 }
+
+/// The Prometheus text a node in `ns` serves on `address` (inside the namespace).
+pub fn metrics_text(ns: &Namespace, address: &str) -> String {
+    let address: std::net::SocketAddr = address.parse().unwrap();
+    ns.enter(move || {
+        let mut s = TcpStream::connect(address).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body
+    })
+    .join()
+    .unwrap()
+}
