@@ -702,7 +702,7 @@ pub fn send_raw(packet: &[u8], to: IpAddr) {
 
 /// The Prometheus text a node in `ns` serves on `address` (inside the namespace).
 pub fn metrics_text(ns: &Namespace, address: &str) -> String {
-    let address: std::net::SocketAddr = address.parse().unwrap();
+    let address: SocketAddr = address.parse().unwrap();
     ns.enter(move || {
         let mut s = TcpStream::connect(address).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
