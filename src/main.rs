@@ -119,13 +119,26 @@ struct SocketArgs {
     /// Find the control socket in this config file instead.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// With --config: the health checker's socket (healthcheck.control_socket), not the node's.
+    #[arg(long, requires = "config")]
+    healthcheck: bool,
 }
 
 impl SocketArgs {
     fn path(&self) -> anyhow::Result<PathBuf> {
         Ok(match (&self.socket, &self.config) {
             (Some(s), _) => s.clone(),
-            (None, Some(c)) => Config::load(c)?.node.control_socket_path(),
+            (None, Some(c)) => {
+                let config = Config::load(c)?;
+                if self.healthcheck {
+                    let section = config.healthcheck.as_ref().ok_or_else(|| {
+                        anyhow::anyhow!("{}: no [healthcheck] section", c.display())
+                    })?;
+                    section.control_socket_path(&config.node.name)
+                } else {
+                    config.node.control_socket_path()
+                }
+            }
             (None, None) => PathBuf::from("/run/lb/lb.sock"),
         })
     }
