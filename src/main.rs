@@ -93,7 +93,7 @@ enum Command {
         #[arg(long)]
         no_metrics: bool,
     },
-    /// Show a running node's state (mux, agent or health checker): generation, table
+    /// Show a running node's state (mux, agent or health-check sidecar): generation, table
     /// fingerprints, backends, health, counters.
     Status {
         #[command(flatten)]
@@ -119,7 +119,7 @@ struct SocketArgs {
     /// Find the control socket in this config file instead.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// With --config: the health checker's socket (healthcheck.control_socket), not the node's.
+    /// With --config: the health-check sidecar's socket (healthcheck.control_socket), not the node's.
     #[arg(long, requires = "config")]
     healthcheck: bool,
 }

@@ -28,6 +28,12 @@
 //!
 //! Unknown fields are errors, and so are fields of another kind (`path` on a `tcp` check), so a
 //! misplaced setting is never silently ignored.
+//!
+//! The module also holds the sidecar's own section, [`HealthcheckConfig`] (`[healthcheck]`,
+//! with `agent_check`, `[[healthcheck.agent]]` and `[healthcheck.bgp]`). Invariant of a
+//! validated section: the agent check names its port; every `[[healthcheck.agent]]` backend is
+//! a backend of some VIP, listed once; and with `speaker = "bird"` every VIP address has a BIRD
+//! protocol and every protocol is for a VIP address, so every address can be withdrawn.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -22,6 +22,9 @@ use crate::maglev::{
     TableError, WeightedBackend,
 };
 
+/// The longest VIP name accepted.
+pub const MAX_VIP_NAME: usize = 64;
+
 /// The config format version this build reads.
 pub const CONFIG_VERSION: u32 = 1;
 
@@ -147,7 +150,8 @@ pub enum Unmatched {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VipConfig {
-    /// A unique name, used by `lb table --vip`, logs and metric labels.
+    /// A unique name, used by `lb table --vip`, logs and metric labels: 1 to [`MAX_VIP_NAME`]
+    /// ASCII letters, digits, `-`, `_` or `.`.
     pub name: String,
     /// The virtual IP address, IPv4 or IPv6.
     pub address: IpAddr,
@@ -698,8 +702,20 @@ impl AgentConfig {
 
 impl VipConfig {
     fn validate(&self, at: &str, node: &NodeConfig, fail: &mut impl FnMut(String, String)) {
-        if self.name.trim().is_empty() {
-            fail(format!("{at}.name"), "the VIP name is empty".into());
+        if self.name.is_empty()
+            || self.name.len() > MAX_VIP_NAME
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            fail(
+                format!("{at}.name"),
+                format!(
+                    "{:?} is not a VIP name: 1..={MAX_VIP_NAME} letters, digits, '-', '_' or '.' (it labels metrics and goes into control messages)",
+                    self.name
+                ),
+            );
         }
         if let Some(check) = &self.check {
             check.validate_into(&format!("{at}.check"), fail);

@@ -1,4 +1,4 @@
-//! The control plane of a mux: the config in force, the operators' and the health checker's
+//! The control plane of a mux: the config in force, the operators' and the health-check sidecar's
 //! overrides (health, drain), reloads, and the answers of the control socket.
 //!
 //! Every change goes the same way: take the base config (the file) and the overrides, derive the
@@ -36,6 +36,9 @@ use crate::worker::{BackendKey, Shared, Traffic, WorkerReport};
 pub enum Request {
     /// The node's state: generation, fingerprints, backends, counters.
     Status,
+    /// Only the workers' liveness (the sidecar asks it several times a second): cheap, and
+    /// never waits for a table being rebuilt.
+    Workers,
     /// Marks a backend healthy or not (the health-check sidecar). Without `vip`, every VIP that
     /// has the backend.
     SetHealth {
@@ -417,6 +420,7 @@ impl ControlPlane {
     pub fn handle(&self, request: &Request) -> Value {
         let result = match request {
             Request::Status => Ok(self.status()),
+            Request::Workers => Ok(self.workers_liveness()),
             Request::Reload => self
                 .reload("control socket")
                 .map(|generation| json!({"ok": true, "generation": generation})),
@@ -477,6 +481,33 @@ impl ControlPlane {
             totals.add(id, &r);
         }
         totals
+    }
+
+    /// The answer to `workers`: the generation in force and each worker's last report age.
+    #[must_use]
+    pub fn workers_liveness(&self) -> Value {
+        let workers = self
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let list: Vec<Value> = workers
+            .iter()
+            .enumerate()
+            .map(|(id, w)| {
+                let r = w.lock().unwrap_or_else(PoisonError::into_inner);
+                json!({
+                    "id": id,
+                    "generation": r.generation,
+                    "last_seen_ms": r.heartbeat.map(|h| u64::try_from(h.elapsed().as_millis()).unwrap_or(u64::MAX)),
+                })
+            })
+            .collect();
+        json!({
+            "ok": true,
+            "generation": self.shared.snapshot.load().generation,
+            "workers": list,
+        })
     }
 
     /// Reloads from the file so far: (accepted, rejected).

@@ -337,6 +337,15 @@ fn reload_drain_and_health_change_the_table_and_keep_what_they_should() {
     assert_eq!(answer["generation"], before + 1);
     let answer = node.ask(sync);
     assert_eq!(answer["changed"], 0, "{answer}");
+    let workers = node.ask(json!({"command": "workers"}));
+    assert_eq!(workers["generation"], before + 1, "{workers}");
+    let list = workers["workers"].as_array().unwrap();
+    assert!(!list.is_empty(), "{workers}");
+    assert!(
+        list.iter()
+            .all(|w| w["last_seen_ms"].as_u64().is_some_and(|ms| ms < 1000)),
+        "{workers}"
+    );
     assert_eq!(answer["generation"], before + 1);
     let status = node.ask(json!({"command": "status"}));
     assert_eq!(status["vips"][0]["backends"][0]["healthy"], true);

@@ -12,26 +12,30 @@
 //!   state with `sync-health`; then each round of changes; when idle, an empty `sync-health`
 //!   every [`PUBLISH_TICK`] notices a lost connection.
 //! - **BGP** (with `[healthcheck.bgp]`): every `decide_interval_ms` it asks the local mux
-//!   (`node.control_socket`) for its status. The node is healthy while the mux answers and
-//!   every worker reported within `worker_stall_ms`. A VIP address is announced while the node
-//!   is healthy and every VIP on the address has at least one healthy backend of weight > 0;
-//!   otherwise it is withdrawn. The speaker is ExaBGP (this process is its API process; routes
+//!   (`node.control_socket`) for its workers' liveness (`workers`, which never waits for a
+//!   table rebuild). The node is healthy while the mux answers and every worker reported within
+//!   `worker_stall_ms`; it turns unhealthy after [`NODE_FAILURES`] failed checks in a row, and
+//!   starts unhealthy. A VIP address is announced while the node is healthy and every VIP on the
+//!   address has at least one healthy backend of weight > 0 whose checks have answered since
+//!   the sidecar started; otherwise it is withdrawn. The speaker is ExaBGP (this process is its API process; routes
 //!   go out as lines on standard output) or BIRD (`birdc enable|disable <protocol>`).
 //! - the control socket (`status`) and the Prometheus exporter.
 //!
 //! **Invariants.** A mux never keeps a state older than the sidecar's last change once a
-//! connection to it stands (full state on every new connection). An address is announced only
+//! connection to it stands: full state on every new connection, and pairs the mux's config
+//! lacks are re-sent every tick until it has them. Every request fits the control socket's
+//! line, whatever the names. An address is announced only
 //! after a positive decision in this process's lifetime, and on SIGTERM/SIGINT every address is
 //! withdrawn before exiting, so no announcement outlives its monitor by choice. (If the
 //! sidecar is killed, BIRD keeps the last state; see the README.)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
@@ -52,12 +56,20 @@ use crate::engine::{Engine, EngineOptions, ProbeSpec, TargetId};
 pub const PUBLISH_TICK: Duration = Duration::from_millis(250);
 /// How long a mux may take to answer one request.
 const MUX_TIMEOUT: Duration = Duration::from_secs(1);
-/// The most pairs in one `sync-health` request (the control socket reads lines of 64 KiB).
-const SYNC_CHUNK: usize = 400;
+/// The most bytes of pairs in one `sync-health` request: half the control socket's line limit
+/// ([`lb_dataplane::socket::MAX_LINE`]), whatever the names and addresses.
+const SYNC_LINE_BYTES: usize = lb_dataplane::socket::MAX_LINE / 2;
 /// How often the view for `status` and the metrics is refreshed from the engine.
 const VIEW_REFRESH: Duration = Duration::from_millis(200);
 /// How often the config file is checked for changes.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// Consecutive failed node checks before the node counts as unhealthy (one slow answer, such
+/// as during a large table rebuild, must not withdraw every node at once).
+const NODE_FAILURES: u32 = 2;
+/// How long `birdc` may take.
+const BIRDC_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a speaker failed for an address, the next attempt waits this long.
+const SPEAKER_RETRY: Duration = Duration::from_secs(1);
 /// BIRD's state is asserted again this often even without a change (BIRD may have restarted).
 const BIRD_REASSERT: Duration = Duration::from_secs(5);
 
@@ -183,6 +195,8 @@ struct PairView {
     backend: IpAddr,
     weight: u32,
     healthy: bool,
+    /// Every check of the pair has a result (since this sidecar started).
+    probed: bool,
     service: Option<CheckView>,
     agent: Option<CheckView>,
 }
@@ -284,7 +298,7 @@ impl ControlHandler for Shared {
             Ok(v) if v["command"] == "status" => self.status(),
             Ok(v) => json!({
                 "ok": false,
-                "error": format!("unknown command {}; the health checker answers \"status\"", v["command"]),
+                "error": format!("unknown command {}; the health-check sidecar answers \"status\"", v["command"]),
             }),
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
         }
@@ -296,15 +310,36 @@ impl ControlHandler for Shared {
 }
 
 /// Loads the config and its `[healthcheck]` section.
-fn load(path: &Path) -> Result<(Config, HealthcheckConfig), String> {
-    let config = Config::load(path).map_err(|e| e.to_string())?;
+/// A config as loaded, with the digest of the exact bytes parsed (a change after the read is
+/// noticed by the next look at the file).
+struct Loaded {
+    config: Config,
+    section: HealthcheckConfig,
+    digest: Option<u64>,
+}
+
+/// Reads and validates the config and its `[healthcheck]` section. On error, also the digest
+/// of what was read, so that a bad file is reported once, not at every look.
+fn load(path: &Path) -> Result<Loaded, (String, Option<u64>)> {
+    let bytes = std::fs::read(path).map_err(|e| (format!("{}: {e}", path.display()), None))?;
+    let digest = Some(lb_core::hash::xxh3(&bytes, 0));
+    let text =
+        String::from_utf8(bytes).map_err(|_| (format!("{}: not UTF-8", path.display()), digest))?;
+    let config = Config::from_toml(&text, path).map_err(|e| (e.to_string(), digest))?;
     let section = config.healthcheck.clone().ok_or_else(|| {
-        format!(
-            "{}: no [healthcheck] section: add one (an empty one publishes to this node's mux)",
-            path.display()
+        (
+            format!(
+                "{}: no [healthcheck] section: add one (an empty one publishes to this node's mux)",
+                path.display()
+            ),
+            digest,
         )
     })?;
-    Ok((config, section))
+    Ok(Loaded {
+        config,
+        section,
+        digest,
+    })
 }
 
 /// A target's identity across reloads: its VIP (or the agent label) and address. A changed
@@ -320,7 +355,7 @@ fn target_key(spec: &ProbeSpec) -> TargetKey {
 enum Ended {
     Stop,
     Reload {
-        config: Box<(Config, HealthcheckConfig)>,
+        loaded: Box<Loaded>,
         states: BTreeMap<TargetKey, bool>,
         bgp: Option<BgpCarry>,
     },
@@ -338,7 +373,8 @@ struct BgpCarry {
 /// carries every check's state over (same VIP and backend) and re-sends the full state to the
 /// muxes.
 pub fn run(options: &SidecarOptions) -> Result<(), String> {
-    let (mut config, mut section) = load(&options.config)?;
+    let mut loaded = load(&options.config).map_err(|(e, _)| e)?;
+    let (config, section) = (&loaded.config, &loaded.section);
     let shared = Arc::new(Shared {
         node: config.node.name.clone(),
         config_path: options.config.clone(),
@@ -378,15 +414,14 @@ pub fn run(options: &SidecarOptions) -> Result<(), String> {
             })
             .map_err(|e| e.to_string())?;
     }
-    tracing::info!(node = %config.node.name, socket = %socket_path.display(), "health checker starting");
+    tracing::info!(node = %config.node.name, socket = %socket_path.display(), "health-check sidecar starting");
     let mut states: Option<BTreeMap<TargetKey, bool>> = None;
     let mut bgp: Option<BgpCarry> = None;
     loop {
         let ended = serve(
             &shared,
             options,
-            &config,
-            &section,
+            &loaded,
             states.take(),
             bgp.take(),
             &reload_requested,
@@ -394,19 +429,18 @@ pub fn run(options: &SidecarOptions) -> Result<(), String> {
         match ended {
             Ended::Stop => break,
             Ended::Reload {
-                config: new,
+                loaded: new,
                 states: carried,
                 bgp: carried_bgp,
             } => {
-                let (new_config, new_section) = *new;
-                if new_section.metrics_address != section.metrics_address
-                    || new_section.control_socket != section.control_socket
+                if new.section.metrics_address != loaded.section.metrics_address
+                    || new.section.control_socket != loaded.section.control_socket
                 {
                     tracing::warn!(
                         "healthcheck.metrics_address and control_socket change only at restart"
                     );
                 }
-                (config, section) = (new_config, new_section);
+                loaded = *new;
                 states = Some(carried);
                 bgp = carried_bgp;
             }
@@ -420,12 +454,12 @@ pub fn run(options: &SidecarOptions) -> Result<(), String> {
 fn serve(
     shared: &Arc<Shared>,
     options: &SidecarOptions,
-    config: &Config,
-    section: &HealthcheckConfig,
+    loaded: &Loaded,
     states: Option<BTreeMap<TargetKey, bool>>,
     previous_bgp: Option<BgpCarry>,
     reload_requested: &AtomicBool,
 ) -> Result<Ended, String> {
+    let (config, section) = (&loaded.config, &loaded.section);
     let plan = Plan::from_config(config, section);
     if plan.specs.is_empty() {
         tracing::warn!(
@@ -507,7 +541,31 @@ fn serve(
     }
     let mut bgp_thread = None;
     let previous_bgp = match (previous_bgp, &section.bgp) {
-        (Some(carry), Some(bgp)) if carry.config.speaker == bgp.speaker => Some(carry),
+        (Some(mut carry), Some(bgp)) if carry.config.speaker == bgp.speaker => {
+            if bgp.speaker == Speaker::Bird {
+                // BIRD's socket or protocols may have changed: an address whose protocol (or
+                // socket) is not the same any more is withdrawn through the old one, and a new
+                // speaker takes the new settings.
+                let old = &carry.config;
+                let moved: Vec<IpAddr> = carry
+                    .applied
+                    .keys()
+                    .filter(|a| {
+                        old.bird_socket != bgp.bird_socket
+                            || old.bird_protocols.get(a) != bgp.bird_protocols.get(a)
+                    })
+                    .copied()
+                    .collect();
+                for address in moved {
+                    if let Err(e) = carry.speaker.set(address, false) {
+                        tracing::warn!(%address, error = %e, "BGP: cannot withdraw through the old BIRD protocol");
+                    }
+                    carry.applied.remove(&address);
+                }
+                carry.speaker = open_speaker(bgp, shared)?;
+            }
+            Some(carry)
+        }
         (Some(mut carry), _) => {
             // Another speaker, or none: nothing stays announced through the old one.
             for address in carry.applied.keys() {
@@ -557,17 +615,25 @@ fn serve(
             Speaker::Exabgp => "exabgp",
             Speaker::Bird => "bird",
         }),
-        "health checker running"
+        "health-check sidecar running"
     );
 
     let mut last_refresh = Instant::now();
     let mut last_watch = Instant::now();
-    let mut digest = lb_dataplane::control::file_digest(&options.config);
+    let mut digest = loaded.digest;
     let mut reload = None;
+    let mut failure = None;
     while !shared.stopping() {
-        let round = engine
-            .run_once(Duration::from_millis(100))
-            .map_err(|e| format!("probe engine: {e}"))?;
+        let round = match engine.run_once(Duration::from_millis(100)) {
+            Ok(round) => round,
+            Err(e) => {
+                // Stop as on SIGTERM, so the BGP thread withdraws before the error exits.
+                tracing::error!(error = %e, "probe engine failed; stopping");
+                failure = Some(format!("probe engine: {e}"));
+                shared.stopping.store(true, Ordering::Relaxed);
+                break;
+            }
+        };
         for r in &round.results {
             metrics::counter!(
                 "lb_healthcheck_probes_total",
@@ -623,19 +689,19 @@ fn serve(
             last_watch = Instant::now();
             let now = lb_dataplane::control::file_digest(&options.config);
             if signalled || now != digest {
-                digest = now;
                 match load(&options.config) {
-                    Ok(loaded) => {
+                    Ok(new) => {
                         tracing::info!(
                             trigger = if signalled { "SIGHUP" } else { "file changed" },
                             "config reloaded"
                         );
                         metrics::counter!("lb_healthcheck_reloads_total", "result" => "ok")
                             .increment(1);
-                        reload = Some(loaded);
+                        reload = Some(new);
                         break;
                     }
-                    Err(e) => {
+                    Err((e, read)) => {
+                        digest = read;
                         tracing::error!(error = %e, "reload rejected; the old config keeps running");
                         metrics::counter!("lb_healthcheck_reloads_total", "result" => "failed")
                             .increment(1);
@@ -650,10 +716,13 @@ fn serve(
         let _ = t.join();
     }
     let bgp = bgp_thread.and_then(|t| t.join().ok()).flatten();
+    if let Some(e) = failure {
+        return Err(e);
+    }
     Ok(match reload {
         None => Ended::Stop,
-        Some(loaded) => Ended::Reload {
-            config: Box::new(loaded),
+        Some(new) => Ended::Reload {
+            loaded: Box::new(new),
             states: plan
                 .specs
                 .iter()
@@ -674,23 +743,35 @@ fn seed_from_mux(engine: &mut Engine, plan: &Plan, local_mux: &Path) {
         tracing::info!(mux = %local_mux.display(), "local mux not answering: every backend starts healthy");
         return;
     };
+    let mut unhealthy: BTreeSet<(String, IpAddr)> = BTreeSet::new();
     for vip in status["vips"].as_array().into_iter().flatten() {
         for b in vip["backends"].as_array().into_iter().flatten() {
-            if b["healthy"] != false {
-                continue;
-            }
-            let Some(address) = b["address"].as_str().and_then(|a| a.parse::<IpAddr>().ok()) else {
-                continue;
-            };
-            let pair = plan
-                .pairs
-                .iter()
-                .find(|p| vip["name"] == p.vip.as_str() && p.backend == address);
-            if let Some(target) = pair.and_then(|p| p.service.or(p.agent)) {
-                engine.seed(target, false);
-                tracing::info!(vip = %vip["name"], backend = %address, "starts unhealthy, as the mux has it");
+            if let (Some(name), Some(address), true) = (
+                vip["name"].as_str(),
+                b["address"].as_str().and_then(|a| a.parse::<IpAddr>().ok()),
+                b["healthy"] == false,
+            ) {
+                unhealthy.insert((name.to_owned(), address));
             }
         }
+    }
+    let down = |p: &Pair| unhealthy.contains(&(p.vip.clone(), p.backend));
+    for pair in plan.pairs.iter().filter(|p| down(p)) {
+        if let Some(target) = pair.service {
+            engine.seed(target, false);
+        }
+        // An agent check serves every VIP of its backend: it starts unhealthy only if the mux
+        // has the backend unhealthy in all of them (the cause may well be the agent).
+        if let Some(target) = pair.agent
+            && plan
+                .pairs
+                .iter()
+                .filter(|p| p.agent == Some(target))
+                .all(&down)
+        {
+            engine.seed(target, false);
+        }
+        tracing::info!(vip = %pair.vip, backend = %pair.backend, "starts unhealthy, as the mux has it");
     }
 }
 
@@ -726,6 +807,10 @@ fn refresh_view(shared: &Shared, engine: &Engine, plan: &Plan) {
             let service = p.service.map(|t| check_view(engine, t, now));
             let agent = p.agent.map(|t| check_view(engine, t, now));
             let healthy = plan.healthy(engine, p);
+            let probed = [&service, &agent]
+                .into_iter()
+                .flatten()
+                .all(|c| c.last_success.is_some());
             let labels = [("vip", p.vip.clone()), ("backend", p.backend.to_string())];
             metrics::gauge!("lb_healthcheck_backend_healthy", &labels)
                 .set(f64::from(u8::from(healthy)));
@@ -745,6 +830,7 @@ fn refresh_view(shared: &Shared, engine: &Engine, plan: &Plan) {
                 backend: p.backend,
                 weight: p.weight,
                 healthy,
+                probed,
                 service,
                 agent,
             }
@@ -753,27 +839,56 @@ fn refresh_view(shared: &Shared, engine: &Engine, plan: &Plan) {
     shared.view().pairs = pairs;
 }
 
-/// Sends `entries` to a mux in chunks; the mux's refusal is an error too.
-fn sync(client: &mut ControlClient, entries: &[HealthEntry]) -> io::Result<()> {
-    let chunks: Vec<&[HealthEntry]> = if entries.is_empty() {
-        vec![&[]]
-    } else {
-        entries.chunks(SYNC_CHUNK).collect()
+/// The request lines of a `sync-health` of `entries`: as many pairs per line as fit in
+/// [`SYNC_LINE_BYTES`] (the control socket reads lines of up to 64 KiB), at least one line.
+fn sync_requests(entries: &[HealthEntry]) -> Vec<String> {
+    let line = |pairs: &[String]| {
+        format!(
+            "{{\"command\":\"sync-health\",\"backends\":[{}]}}",
+            pairs.join(",")
+        )
     };
-    for chunk in chunks {
-        let answer = client.ask(&json!({"command": "sync-health", "backends": chunk}))?;
+    let mut lines = Vec::new();
+    let mut pairs: Vec<String> = Vec::new();
+    let mut bytes = 0;
+    for e in entries {
+        let pair = serde_json::to_string(e).unwrap_or_default();
+        if bytes + pair.len() + 1 > SYNC_LINE_BYTES && !pairs.is_empty() {
+            lines.push(line(&pairs));
+            pairs.clear();
+            bytes = 0;
+        }
+        bytes += pair.len() + 1;
+        pairs.push(pair);
+    }
+    if !pairs.is_empty() || lines.is_empty() {
+        lines.push(line(&pairs));
+    }
+    lines
+}
+
+/// Sends `entries` to a mux; returns the pairs its config lacks. The mux's refusal is an error.
+fn sync(client: &mut ControlClient, entries: &[HealthEntry]) -> io::Result<Vec<(String, IpAddr)>> {
+    let mut ignored = Vec::new();
+    for request in sync_requests(entries) {
+        let request: Value = serde_json::from_str(&request).map_err(io::Error::other)?;
+        let answer = client.ask(&request)?;
         if answer["ok"] != true {
             return Err(io::Error::other(format!(
                 "the mux refused the health update: {}",
                 answer["error"].as_str().unwrap_or("?")
             )));
         }
-        if let Some(ignored) = answer["ignored"].as_array().filter(|i| !i.is_empty()) {
-            let ignored = Value::Array(ignored.clone());
-            tracing::warn!(%ignored, "the mux's config lacks these pairs (config reloaded on one side only?)");
+        for pair in answer["ignored"].as_array().into_iter().flatten() {
+            if let (Some(vip), Some(backend)) = (
+                pair["vip"].as_str(),
+                pair["backend"].as_str().and_then(|b| b.parse().ok()),
+            ) {
+                ignored.push((vip.to_owned(), backend));
+            }
         }
     }
-    Ok(())
+    Ok(ignored)
 }
 
 /// One mux's publisher: see the module docs.
@@ -788,6 +903,7 @@ fn publish_loop(
     let mut desired: BTreeMap<(String, IpAddr), HealthEntry> =
         initial.into_iter().map(|e| (key(&e), e)).collect();
     let mut pending: BTreeMap<(String, IpAddr), HealthEntry> = BTreeMap::new();
+    let mut ignored: Vec<(String, IpAddr)> = Vec::new();
     let mut client: Option<ControlClient> = None;
     let mut last_error: Option<String> = None;
     let mut note =
@@ -833,9 +949,10 @@ fn publish_loop(
         if let Some(c) = client.as_mut() {
             let batch: Vec<HealthEntry> = pending.values().cloned().collect();
             match sync(c, &batch) {
-                Ok(()) => {
-                    let update = !pending.is_empty();
+                Ok(lacking) => {
+                    let update = pending.len() > ignored.len();
                     pending.clear();
+                    keep_ignored(&desired, lacking, &mut ignored, &mut pending, path);
                     note(shared, true, None, false, update);
                 }
                 Err(e) => {
@@ -847,17 +964,44 @@ fn publish_loop(
         }
         let full: Vec<HealthEntry> = desired.values().cloned().collect();
         match ControlClient::connect(path, MUX_TIMEOUT)
-            .and_then(|mut c| sync(&mut c, &full).map(|()| c))
+            .and_then(|mut c| sync(&mut c, &full).map(|lacking| (c, lacking)))
         {
-            Ok(c) => {
+            Ok((c, lacking)) => {
                 tracing::info!(mux = %path.display(), pairs = full.len(), "sent the full health state");
                 client = Some(c);
                 pending.clear();
+                keep_ignored(&desired, lacking, &mut ignored, &mut pending, path);
                 note(shared, true, None, true, false);
             }
             Err(e) => note(shared, false, Some(e.to_string()), false, false),
         }
     }
+}
+
+/// Pairs a mux's config lacks stay pending, so they are sent with every later request (each
+/// tick) until the mux knows them: a mux that reloads after the sidecar gets their health at
+/// once instead of taking them as healthy. Logged when the set changes.
+fn keep_ignored(
+    desired: &BTreeMap<(String, IpAddr), HealthEntry>,
+    lacking: Vec<(String, IpAddr)>,
+    ignored: &mut Vec<(String, IpAddr)>,
+    pending: &mut BTreeMap<(String, IpAddr), HealthEntry>,
+    path: &Path,
+) {
+    if lacking != *ignored {
+        if lacking.is_empty() {
+            tracing::info!(mux = %path.display(), "the mux now has every pair of the config");
+        } else {
+            let pairs: Vec<String> = lacking.iter().map(|(v, b)| format!("{v}/{b}")).collect();
+            tracing::warn!(mux = %path.display(), pairs = ?pairs, "the mux's config lacks these pairs (reloaded on one side only?); resending them until it has them");
+        }
+    }
+    for k in &lacking {
+        if let Some(e) = desired.get(k) {
+            pending.insert(k.clone(), e.clone());
+        }
+    }
+    *ignored = lacking;
 }
 
 /// A BGP speaker the sidecar drives.
@@ -926,12 +1070,7 @@ impl Announcer for Bird {
             .get(&address)
             .ok_or_else(|| format!("no BIRD protocol for {address}"))?;
         let verb = if announce { "enable" } else { "disable" };
-        let output = Command::new("birdc")
-            .arg("-s")
-            .arg(&self.socket)
-            .args([verb, protocol])
-            .output()
-            .map_err(|e| format!("birdc: {e} (is BIRD installed?)"))?;
+        let output = birdc(&self.socket, &[verb, protocol])?;
         let text = String::from_utf8_lossy(&output.stdout);
         let done = if announce { "enabled" } else { "disabled" };
         if output.status.success()
@@ -951,6 +1090,33 @@ impl Announcer for Bird {
     }
     fn reassert(&self) -> Option<Duration> {
         Some(BIRD_REASSERT)
+    }
+}
+
+/// Runs `birdc -s socket args...`, killing it after [`BIRDC_TIMEOUT`] (a hung BIRD must not
+/// hold the BGP thread: its other addresses, and the withdrawals at exit, wait for it).
+fn birdc(socket: &Path, args: &[&str]) -> Result<std::process::Output, String> {
+    use wait_timeout::ChildExt as _;
+    let mut child = Command::new("birdc")
+        .arg("-s")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("birdc: {e} (is BIRD installed?)"))?;
+    match child.wait_timeout(BIRDC_TIMEOUT) {
+        Ok(Some(_)) => child.wait_with_output().map_err(|e| format!("birdc: {e}")),
+        Ok(None) | Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!(
+                "birdc -s {} {}: no answer within {BIRDC_TIMEOUT:?}",
+                socket.display(),
+                args.join(" ")
+            ))
+        }
     }
 }
 
@@ -996,7 +1162,7 @@ fn watch_exabgp(shared: &Arc<Shared>) {
     });
 }
 
-/// Whether the local mux is serving: it answers `status` and every worker reported lately.
+/// Whether the local mux is serving: it answers `workers` and every worker reported lately.
 fn node_health(
     client: &mut Option<ControlClient>,
     path: &Path,
@@ -1007,7 +1173,7 @@ fn node_health(
     }
     let answer = client
         .as_mut()
-        .map(|c| c.ask(&json!({"command": "status"})))
+        .map(|c| c.ask(&json!({"command": "workers"})))
         .unwrap_or_else(|| Err(io::Error::other("not connected")));
     let status = match answer {
         Ok(s) => s,
@@ -1039,7 +1205,8 @@ fn node_health(
 }
 
 /// Per VIP address: announce, and why (or why not). A backend of weight 0 (drained) does not
-/// make a VIP servable.
+/// make a VIP servable, nor does one whose checks have not answered yet (every check starts
+/// healthy, so a new node would otherwise attract traffic before it knows anything).
 fn decide(
     view: &View,
     plan_addresses: &BTreeMap<IpAddr, Vec<String>>,
@@ -1057,7 +1224,7 @@ fn decide(
                     !view
                         .pairs
                         .iter()
-                        .any(|p| &p.vip == *vip && p.healthy && p.weight > 0)
+                        .any(|p| &p.vip == *vip && p.healthy && p.probed && p.weight > 0)
                 })
                 .collect();
             if empty.is_empty() {
@@ -1071,7 +1238,10 @@ fn decide(
             } else {
                 (
                     *address,
-                    (false, format!("no healthy backend for VIP {empty:?}")),
+                    (
+                        false,
+                        format!("no healthy (and probed) backend for VIP {empty:?}"),
+                    ),
                 )
             }
         })
@@ -1109,9 +1279,33 @@ fn bgp_loop(
     }
     let interval = Duration::from_millis(u64::from(bgp.decide_interval_ms));
     let mut client = None;
+    // Unhealthy until the mux first answers; then only after NODE_FAILURES failures in a row.
+    let mut failures = NODE_FAILURES;
+    let mut last_error: Option<String> = None;
+    let mut retry_at: BTreeMap<IpAddr, Instant> = BTreeMap::new();
+    let mut speaker_errors: BTreeMap<IpAddr, String> = BTreeMap::new();
     while !ending.load(Ordering::Relaxed) && !shared.stopping() {
         let started = Instant::now();
-        let node = node_health(&mut client, local_mux, bgp.worker_stall_ms);
+        let node = match node_health(&mut client, local_mux, bgp.worker_stall_ms) {
+            Ok(()) => {
+                failures = 0;
+                last_error = None;
+                Ok(())
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                if failures < NODE_FAILURES {
+                    tracing::debug!(error = %e, "node check failed once");
+                    Ok(())
+                } else {
+                    if last_error.as_ref() != Some(&e) {
+                        tracing::warn!(error = %e, "node unhealthy");
+                        last_error = Some(e.clone());
+                    }
+                    Err(e)
+                }
+            }
+        };
         let decisions = decide(&shared.view(), addresses, &node);
         for (address, (announce, why)) in &decisions {
             let due = match applied.get(address) {
@@ -1123,7 +1317,7 @@ fn bgp_loop(
                 }
                 None => true,
             };
-            if !due {
+            if !due || retry_at.get(address).is_some_and(|at| Instant::now() < *at) {
                 continue;
             }
             let changed = applied
@@ -1135,6 +1329,10 @@ fn bgp_loop(
                         tracing::info!(%address, announce, reason = %why, speaker = speaker.name(), "BGP");
                     }
                     applied.insert(*address, (*announce, Instant::now()));
+                    retry_at.remove(address);
+                    if speaker_errors.remove(address).is_some() {
+                        tracing::info!(%address, "BGP speaker works again");
+                    }
                     metrics::gauge!("lb_healthcheck_announced", "address" => address.to_string())
                         .set(f64::from(u8::from(*announce)));
                 }
@@ -1144,8 +1342,12 @@ fn bgp_loop(
                     return None;
                 }
                 Err(e) => {
-                    tracing::warn!(%address, announce, error = %e, "BGP speaker failed; retrying");
+                    if speaker_errors.get(address) != Some(&e) {
+                        tracing::warn!(%address, announce, error = %e, "BGP speaker failed; retrying every {SPEAKER_RETRY:?}");
+                        speaker_errors.insert(*address, e);
+                    }
                     applied.remove(address);
+                    retry_at.insert(*address, Instant::now() + SPEAKER_RETRY);
                 }
             }
         }
@@ -1189,14 +1391,14 @@ fn bgp_loop(
     None
 }
 
-/// Renders a `status` answer of the health checker for a terminal.
+/// Renders a `status` answer of the health-check sidecar for a terminal.
 #[must_use]
 pub fn render_status(status: &Value) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "health checker {}  config {}",
+        "health-check sidecar {}  config {}",
         status["node"].as_str().unwrap_or("?"),
         status["config"].as_str().unwrap_or("?")
     );
@@ -1278,6 +1480,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sync_requests_fit_the_control_socket_line_whatever_the_names() {
+        let name = "v".repeat(lb_core::config::MAX_VIP_NAME);
+        let entries: Vec<HealthEntry> = (0..5000u32)
+            .map(|i| HealthEntry {
+                vip: format!("{name}{}", i % 7),
+                backend: IpAddr::from([
+                    0x2001, 0xdb8, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, i as u16,
+                ]),
+                healthy: i % 3 == 0,
+            })
+            .collect();
+        let lines = sync_requests(&entries);
+        assert!(lines.len() > 1);
+        let mut back = Vec::new();
+        for line in &lines {
+            assert!(
+                line.len() < lb_dataplane::socket::MAX_LINE,
+                "{} bytes",
+                line.len()
+            );
+            let request: lb_dataplane::control::Request = serde_json::from_str(line).unwrap();
+            let lb_dataplane::control::Request::SyncHealth { backends } = request else {
+                panic!("not a sync-health: {line}");
+            };
+            back.extend(backends);
+        }
+        assert_eq!(back, entries, "every pair once, in order");
+        assert_eq!(
+            sync_requests(&[]),
+            [r#"{"command":"sync-health","backends":[]}"#]
+        );
+    }
+
+    #[test]
     fn exabgp_lines_are_host_routes() {
         assert_eq!(
             exabgp_line("198.18.100.1".parse().unwrap(), true),
@@ -1295,6 +1531,7 @@ mod tests {
             backend: "198.18.21.2".parse().unwrap(),
             weight: 1,
             healthy,
+            probed: true,
             service: None,
             agent: None,
         }
