@@ -2,11 +2,11 @@
 //! its timing (interval, timeout, rise, fall, jitter), parsed from TOML and validated.
 //!
 //! Invariant: a [`CheckConfig`] that [`CheckConfig::validate`] accepts can be run by the
-//! health-check engine (`lb_healthcheck::engine`) as it is: its timeout is shorter than its interval, its interval is
-//! at least [`MIN_INTERVAL_MS`], rise and fall are at least 1, and what it writes on the wire
-//! (HTTP path and host, UDP payload) cannot break the request framing. Problems are reported as
-//! [`Problem`]s naming the field as a path (`vip[0].check.timeout_ms`) and the reason, in the
-//! style of `lb_core::config`.
+//! health-check engine (`lb_healthcheck::engine`) as it is: its timeout is shorter than its
+//! interval, its interval is at least [`MIN_INTERVAL_MS`], rise and fall are at least 1, and
+//! what it writes on the wire (HTTP path and host, UDP payload) cannot break the request
+//! framing. Problems are reported as [`Problem`]s naming the field as a path
+//! (`vip[0].check.timeout_ms`) and the reason, in the style of `lb_core::config`.
 //!
 //! The TOML form is one flat table whose `type` picks the kind:
 //!

@@ -697,7 +697,7 @@ fn in_hash(protocol: u8, snat_port: u16, remote: &[u8; 16], rport: u16) -> u64 {
 /// **Expiry.** A mapping idle longer than its protocol's timeout is dead: a lookup that finds it
 /// removes it (counted in `expired`) and proceeds as if it were absent, so expiry is exact in time
 /// even if nothing sweeps. Space is reclaimed by sweeping: each new mapping examines
-/// [`SWEEP_STEP`] (4) more entries round robin, a full table examines up to 256 before it refuses,
+/// `SWEEP_STEP` (4) more entries round robin, a full table examines up to 256 before it refuses,
 /// and [`SnatTable::expire`] lets the agent sweep more, such as once per batch. TCP mappings drop
 /// to [`TCP_CLOSED_IDLE`] once a RST was seen (until a later packet without RST) or a FIN went
 /// each way; an outbound SYN (without ACK) on such a mapping starts it afresh with the same port.

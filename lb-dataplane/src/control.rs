@@ -1,5 +1,5 @@
-//! The control plane of a mux: the config in force, the operators' and the health-check sidecar's
-//! overrides (health, drain), reloads, and the answers of the control socket.
+//! The control plane of a mux: the config in force, the overrides of the operators and of the
+//! health-check sidecar (health, drain), reloads, and the answers of the control socket.
 //!
 //! Every change goes the same way: take the base config (the file) and the overrides, derive the
 //! effective config, validate it, compile a [`Snapshot`] off the hot path, and publish it with

@@ -14,11 +14,12 @@
 //! - **BGP** (with `[healthcheck.bgp]`): every `decide_interval_ms` it asks the local mux
 //!   (`node.control_socket`) for its workers' liveness (`workers`, which never waits for a
 //!   table rebuild). The node is healthy while the mux answers and every worker reported within
-//!   `worker_stall_ms`; it turns unhealthy after [`NODE_FAILURES`] failed checks in a row, and
+//!   `worker_stall_ms`; it turns unhealthy after two failed checks in a row, and
 //!   starts unhealthy. A VIP address is announced while the node is healthy and every VIP on the
 //!   address has at least one healthy backend of weight > 0 whose checks have answered since
-//!   the sidecar started; otherwise it is withdrawn. The speaker is ExaBGP (this process is its API process; routes
-//!   go out as lines on standard output) or BIRD (`birdc enable|disable <protocol>`).
+//!   the sidecar started; otherwise it is withdrawn. The speaker is ExaBGP (this process is
+//!   its API process; routes go out as lines on standard output) or BIRD (`birdc
+//!   enable|disable <protocol>`).
 //! - the control socket (`status`) and the Prometheus exporter.
 //!
 //! **Invariants.** A mux never keeps a state older than the sidecar's last change once a
