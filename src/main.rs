@@ -9,11 +9,12 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use lb::{bench, forward_bench, table};
 use lb_core::config::Config;
-use lb_dataplane::agent_run::{self, AgentOptions};
+use lb_dataplane::agent_run;
 use lb_dataplane::control::render_status;
-use lb_dataplane::mux::{self, MuxOptions};
+use lb_dataplane::mux;
+use lb_dataplane::process::RunOptions;
 use lb_dataplane::socket::request;
-use lb_healthcheck::sidecar::{self, SidecarOptions};
+use lb_healthcheck::sidecar;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -44,55 +45,15 @@ enum Command {
     },
     /// Run a mux node: receive VIP traffic on node.interface and encapsulate it to the backends.
     /// Reloads on SIGHUP, on a change of the file, and on `lb ctl reload`; stops on SIGTERM.
-    Mux {
-        /// The config file.
-        #[arg(long)]
-        config: PathBuf,
-        /// The control socket (default: node.control_socket, or /run/lb/<node name>.sock).
-        #[arg(long)]
-        socket: Option<PathBuf>,
-        /// Where the Prometheus exporter listens (default: node.metrics_address).
-        #[arg(long, conflicts_with = "no_metrics")]
-        metrics: Option<SocketAddr>,
-        /// Do not start the Prometheus exporter.
-        #[arg(long)]
-        no_metrics: bool,
-    },
+    Mux(RunArgs),
     /// Run the backend agent: decapsulate what the muxes send, deliver it through a TUN (the
     /// VIP is on lo, replies go straight to the router), chain packets of moved connections on.
-    Agent {
-        /// The config file (with an [agent] section).
-        #[arg(long)]
-        config: PathBuf,
-        /// The control socket (default: node.control_socket, or /run/lb/<node name>.sock).
-        #[arg(long)]
-        socket: Option<PathBuf>,
-        /// Where the Prometheus exporter listens (default: node.metrics_address).
-        #[arg(long, conflicts_with = "no_metrics")]
-        metrics: Option<SocketAddr>,
-        /// Do not start the Prometheus exporter.
-        #[arg(long)]
-        no_metrics: bool,
-    },
+    Agent(RunArgs),
     /// Run the health-check sidecar next to a mux: probe every backend (service and agent),
     /// push health to the muxes' control sockets, announce or withdraw the VIPs by BGP
     /// (ExaBGP: run it as ExaBGP's API process; BIRD: through birdc). Stops on SIGTERM, after
     /// withdrawing.
-    Healthcheck {
-        /// The config file (the mux's, with [healthcheck] and [vip.check] sections).
-        #[arg(long)]
-        config: PathBuf,
-        /// The sidecar's control socket (default: healthcheck.control_socket, or
-        /// /run/lb/<node name>-healthcheck.sock).
-        #[arg(long)]
-        socket: Option<PathBuf>,
-        /// Where the Prometheus exporter listens (default: healthcheck.metrics_address).
-        #[arg(long, conflicts_with = "no_metrics")]
-        metrics: Option<SocketAddr>,
-        /// Do not start the Prometheus exporter.
-        #[arg(long)]
-        no_metrics: bool,
-    },
+    Healthcheck(RunArgs),
     /// Show a running node's state (mux, agent or health-check sidecar): generation, table
     /// fingerprints, backends, health, counters.
     Status {
@@ -109,6 +70,37 @@ enum Command {
         #[command(subcommand)]
         what: CtlCommand,
     },
+}
+
+/// The options of the long-running commands (mux, agent, healthcheck).
+#[derive(Args)]
+struct RunArgs {
+    /// The config file (the agent's needs an [agent] section, the sidecar's a [healthcheck]
+    /// section).
+    #[arg(long)]
+    config: PathBuf,
+    /// The control socket (default: node.control_socket, or /run/lb/<node name>.sock; for the
+    /// sidecar healthcheck.control_socket, or /run/lb/<node name>-healthcheck.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Where the Prometheus exporter listens (default: node.metrics_address; for the sidecar
+    /// healthcheck.metrics_address).
+    #[arg(long, conflicts_with = "no_metrics")]
+    metrics: Option<SocketAddr>,
+    /// Do not start the Prometheus exporter.
+    #[arg(long)]
+    no_metrics: bool,
+}
+
+impl From<RunArgs> for RunOptions {
+    fn from(a: RunArgs) -> Self {
+        Self {
+            config: a.config,
+            control_socket: a.socket,
+            metrics_address: a.metrics,
+            no_metrics: a.no_metrics,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -305,50 +297,17 @@ fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             let cases = forward_bench::run(&plan, &lb, &mut |line| eprintln!("{line}"))?;
             write!(out, "{}", forward_bench::table(&cases))?;
         }
-        Command::Mux {
-            config,
-            socket,
-            metrics,
-            no_metrics,
-        } => {
+        Command::Mux(args) => {
             init_logs();
-            let options = MuxOptions {
-                config,
-                control_socket: socket,
-                metrics_address: metrics,
-                no_metrics,
-            };
-            mux::run(&options).map_err(|e| anyhow::anyhow!(e))?;
+            mux::run(&args.into()).map_err(|e| anyhow::anyhow!(e))?;
         }
-        Command::Agent {
-            config,
-            socket,
-            metrics,
-            no_metrics,
-        } => {
+        Command::Agent(args) => {
             init_logs();
-            let options = AgentOptions {
-                config,
-                control_socket: socket,
-                metrics_address: metrics,
-                no_metrics,
-            };
-            agent_run::run(&options).map_err(|e| anyhow::anyhow!(e))?;
+            agent_run::run(&args.into()).map_err(|e| anyhow::anyhow!(e))?;
         }
-        Command::Healthcheck {
-            config,
-            socket,
-            metrics,
-            no_metrics,
-        } => {
+        Command::Healthcheck(args) => {
             init_logs();
-            let options = SidecarOptions {
-                config,
-                control_socket: socket,
-                metrics_address: metrics,
-                no_metrics,
-            };
-            sidecar::run(&options).map_err(|e| anyhow::anyhow!(e))?;
+            sidecar::run(&args.into()).map_err(|e| anyhow::anyhow!(e))?;
         }
         Command::Status { socket, json } => {
             let answer = request(&socket.path()?, &json!({"command": "status"}))?;

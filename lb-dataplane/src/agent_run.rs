@@ -14,7 +14,6 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
@@ -24,31 +23,17 @@ use lb_core::config::Config;
 use lb_core::encap::{EncapKind, EncapParams, encapsulate};
 use lb_core::packet;
 use serde_json::{Value, json};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 
 use crate::afpacket::{AfPacketReceiver, RingConfig};
 use crate::agent::{Policy, Reject, Verdict, classify};
 use crate::device::{Receiver, Transmitter};
+use crate::process::RunOptions;
 use crate::rawip::RawIpTransmitter;
 use crate::sockdiag::SockDiag;
 use crate::socket::{ControlHandler, ControlSocket};
 use crate::tun::Tun;
 use crate::worker::{BATCH_FRAMES, POLL_TIMEOUT, REPORT_INTERVAL};
 use lb_core::snat::{PortRanges, SnatError, SnatTable, SnatTableConfig};
-
-/// Command-line overrides of `lb agent`.
-#[derive(Clone, Debug, Default)]
-pub struct AgentOptions {
-    /// The config file.
-    pub config: PathBuf,
-    /// Overrides `node.control_socket`.
-    pub control_socket: Option<PathBuf>,
-    /// Overrides `node.metrics_address`.
-    pub metrics_address: Option<SocketAddr>,
-    /// Do not start the metrics exporter.
-    pub no_metrics: bool,
-}
 
 /// The agent's counters, cumulative.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -254,7 +239,7 @@ fn prepare_rp_filter(tun: &str) {
 }
 
 /// Runs `lb agent` until SIGTERM or SIGINT.
-pub fn run(options: &AgentOptions) -> Result<(), String> {
+pub fn run(options: &RunOptions) -> Result<(), String> {
     let config = Config::load(&options.config).map_err(|e| e.to_string())?;
     let mut policy =
         Policy::from_config(&config).map_err(|e| format!("{}: {e}", options.config.display()))?;
@@ -320,26 +305,12 @@ pub fn run(options: &AgentOptions) -> Result<(), String> {
         crate::health_endpoint::serve(address, move || live.healthy(), move || stop.stopping())
             .map_err(|e| e.to_string())?;
     }
-    let mut signals =
-        Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(|e| format!("signal handlers: {e}"))?;
     let reload_requested = Arc::new(AtomicBool::new(false));
     {
         let shared = Arc::clone(&shared);
-        let reload_requested = Arc::clone(&reload_requested);
-        thread::Builder::new()
-            .name("lb-signals".into())
-            .spawn(move || {
-                for signal in signals.forever() {
-                    if signal == SIGHUP {
-                        reload_requested.store(true, Ordering::Relaxed);
-                        continue;
-                    }
-                    tracing::info!(signal, "shutting down");
-                    shared.shutdown.store(true, Ordering::Relaxed);
-                    break;
-                }
-            })
-            .map_err(|e| e.to_string())?;
+        crate::process::handle_signals(Arc::clone(&reload_requested), move || {
+            shared.shutdown.store(true, Ordering::Relaxed);
+        })?;
     }
     let mut config_digest = crate::control::file_digest(&options.config);
     let mut last_watch = Instant::now();

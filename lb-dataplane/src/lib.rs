@@ -14,6 +14,7 @@
 //! - [`socket`]: the control socket (Unix, 0600, line-delimited JSON) and its client.
 //! - [`exporter`]: the Prometheus metrics.
 //! - [`health_endpoint`]: `GET /healthz` over HTTP, the agent's health for the muxes' sidecars.
+//! - [`process`]: what the long-running processes share: options and signal handling.
 //! - [`node`]: a running node (workers + control socket) on any devices; [`mux`]: `lb mux` on
 //!   AF_PACKET, with signals and the config-file watcher.
 //! - [`agent`]: the backend agent's decision (accept only muxes, the VIP check, daisy chaining);
@@ -33,6 +34,7 @@ pub mod health_endpoint;
 pub mod memory;
 pub mod mux;
 pub mod node;
+pub mod process;
 pub mod rawip;
 pub mod sockdiag;
 pub mod socket;

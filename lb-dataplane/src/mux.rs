@@ -14,13 +14,13 @@
 //! take effect on restart, and applies the rest.
 
 use std::io;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use crossbeam_channel::RecvTimeoutError;
+
+use crate::process::RunOptions;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -34,19 +34,6 @@ use crate::rawip::RawIpTransmitter;
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 /// Packets a worker's transmitter queues before it must flush.
 const TX_QUEUE: usize = 256;
-
-/// Command-line overrides of `lb mux`.
-#[derive(Clone, Debug, Default)]
-pub struct MuxOptions {
-    /// The config file.
-    pub config: PathBuf,
-    /// Overrides `node.control_socket`.
-    pub control_socket: Option<PathBuf>,
-    /// Overrides `node.metrics_address`.
-    pub metrics_address: Option<SocketAddr>,
-    /// Do not start the metrics exporter.
-    pub no_metrics: bool,
-}
 
 /// Opens `count` AF_PACKET receivers on `interface` in one fanout group, each with its own
 /// raw-socket transmitter.
@@ -67,7 +54,7 @@ pub fn open_af_packet(interface: &str, count: usize) -> io::Result<Vec<Devices>>
 }
 
 /// Runs `lb mux` until SIGTERM or SIGINT. Errors are for the operator, naming what failed.
-pub fn run(options: &MuxOptions) -> Result<(), String> {
+pub fn run(options: &RunOptions) -> Result<(), String> {
     let (plane, _) = ControlPlane::start(&options.config)?;
     let config = plane.config();
     let interface = config.node.interface.clone().ok_or_else(|| {

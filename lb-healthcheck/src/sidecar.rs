@@ -33,7 +33,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, Write};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -46,10 +46,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use lb_core::check::{BgpConfig, HealthcheckConfig, Speaker};
 use lb_core::config::{Config, PortSpec};
 use lb_dataplane::control::HealthEntry;
+use lb_dataplane::process::RunOptions;
 use lb_dataplane::socket::{ControlClient, ControlHandler, ControlSocket};
 use serde_json::{Value, json};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 
 use crate::engine::{Engine, EngineOptions, ProbeSpec, TargetId};
 
@@ -73,19 +72,6 @@ const BIRDC_TIMEOUT: Duration = Duration::from_secs(2);
 const SPEAKER_RETRY: Duration = Duration::from_secs(1);
 /// BIRD's state is asserted again this often even without a change (BIRD may have restarted).
 const BIRD_REASSERT: Duration = Duration::from_secs(5);
-
-/// How `lb healthcheck` was started.
-#[derive(Clone, Debug)]
-pub struct SidecarOptions {
-    /// The config file (the mux's, with `[healthcheck]` and `[vip.check]` sections).
-    pub config: PathBuf,
-    /// Overrides `healthcheck.control_socket`.
-    pub control_socket: Option<PathBuf>,
-    /// Overrides `healthcheck.metrics_address`.
-    pub metrics_address: Option<SocketAddr>,
-    /// No Prometheus exporter.
-    pub no_metrics: bool,
-}
 
 /// One (VIP, backend) pair of the config and the engine targets that decide its health.
 #[derive(Clone, Debug)]
@@ -373,7 +359,7 @@ struct BgpCarry {
 /// file's contents change: a bad file is logged and the old config keeps running; a good one
 /// carries every check's state over (same VIP and backend) and re-sends the full state to the
 /// muxes.
-pub fn run(options: &SidecarOptions) -> Result<(), String> {
+pub fn run(options: &RunOptions) -> Result<(), String> {
     let mut loaded = load(&options.config).map_err(|(e, _)| e)?;
     let (config, section) = (&loaded.config, &loaded.section);
     let shared = Arc::new(Shared {
@@ -396,24 +382,10 @@ pub fn run(options: &SidecarOptions) -> Result<(), String> {
     }
     let reload_requested = Arc::new(AtomicBool::new(false));
     {
-        let mut signals =
-            Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(|e| format!("signal handlers: {e}"))?;
         let shared = Arc::clone(&shared);
-        let reload_requested = Arc::clone(&reload_requested);
-        thread::Builder::new()
-            .name("lb-signals".into())
-            .spawn(move || {
-                for signal in signals.forever() {
-                    if signal == SIGHUP {
-                        reload_requested.store(true, Ordering::Relaxed);
-                        continue;
-                    }
-                    tracing::info!(signal, "shutting down");
-                    shared.stopping.store(true, Ordering::Relaxed);
-                    break;
-                }
-            })
-            .map_err(|e| e.to_string())?;
+        lb_dataplane::process::handle_signals(Arc::clone(&reload_requested), move || {
+            shared.stopping.store(true, Ordering::Relaxed);
+        })?;
     }
     tracing::info!(node = %config.node.name, socket = %socket_path.display(), "health-check sidecar starting");
     let mut states: Option<BTreeMap<TargetKey, bool>> = None;
@@ -454,7 +426,7 @@ pub fn run(options: &SidecarOptions) -> Result<(), String> {
 /// Runs one config until stop or a good reload.
 fn serve(
     shared: &Arc<Shared>,
-    options: &SidecarOptions,
+    options: &RunOptions,
     loaded: &Loaded,
     states: Option<BTreeMap<TargetKey, bool>>,
     previous_bgp: Option<BgpCarry>,
