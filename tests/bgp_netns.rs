@@ -263,18 +263,12 @@ fn the_sidecar_withdraws_a_dead_mux_and_a_vip_without_backends_and_announces_the
     // lb mux on mux 1 stops: withdrawn within 2 s; back when it runs again.
     lab.signal(muxes[0].pid, libc::SIGTERM).unwrap();
     expect(&lab, &[mux2], CONVERGE, "mux 1 stopped (SIGTERM)");
-    let text = std::fs::read_to_string(&muxes[0].config).unwrap();
-    let restart = text.replace(&format!("{:?}", muxes[0].socket), "SOCKET");
-    assert!(
-        lab.wait(muxes[0].pid, Duration::from_secs(5)).is_some(),
-        "mux 1 did not exit"
-    );
-    muxes[0] = common::start_node(
+    muxes[0] = common::restart_node(
         &mut lab,
         &fleet.muxes[0],
         "mux",
         "mux1",
-        &restart,
+        &muxes[0],
         &["--no-metrics"],
     );
     expect(&lab, &[mux1, mux2], CONVERGE, "mux 1 started again");
@@ -282,18 +276,12 @@ fn the_sidecar_withdraws_a_dead_mux_and_a_vip_without_backends_and_announces_the
     // lb mux on mux 2 crashes (SIGKILL: its socket file stays).
     lab.signal(muxes[1].pid, libc::SIGKILL).unwrap();
     expect(&lab, &[mux1], CONVERGE, "mux 2 killed (SIGKILL)");
-    let text = std::fs::read_to_string(&muxes[1].config).unwrap();
-    let restart = text.replace(&format!("{:?}", muxes[1].socket), "SOCKET");
-    assert!(
-        lab.wait(muxes[1].pid, Duration::from_secs(5)).is_some(),
-        "mux 2 did not exit"
-    );
-    muxes[1] = common::start_node(
+    muxes[1] = common::restart_node(
         &mut lab,
         &fleet.muxes[1],
         "mux",
         "mux2",
-        &restart,
+        &muxes[1],
         &["--no-metrics"],
     );
     expect(&lab, &[mux1, mux2], CONVERGE, "mux 2 started again");

@@ -608,6 +608,26 @@ pub fn start_node(
     }
 }
 
+/// Waits (up to 5 s) for `node`, already signalled by the caller, to exit, then starts it again
+/// in `ns` with the same role, name, config file and control socket.
+pub fn restart_node(
+    lab: &mut Lab,
+    ns: &Namespace,
+    role: &str,
+    name: &str,
+    node: &Node,
+    extra_args: &[&str],
+) -> Node {
+    assert!(
+        lab.wait(node.pid, Duration::from_secs(5)).is_some(),
+        "{name} did not exit:\n{}",
+        lab.log(node.pid)
+    );
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    let template = text.replace(&format!("{:?}", node.socket), "SOCKET");
+    start_node(lab, ns, role, name, &template, extra_args)
+}
+
 /// An HTTP/1.0 server on `at` in `ns`, answering every request with `body` repeated 2000
 /// times, after reading the request (headers and any body up to `Content-Length`).
 pub fn http_server(ns: &Namespace, at: SocketAddr, body: String, stop: Arc<AtomicBool>) {
