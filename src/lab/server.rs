@@ -180,9 +180,11 @@ impl BackendServer {
 
     /// Stops serving: closes the listener and the UDP socket, shuts down every open
     /// connection, and waits (at most [`STOP_WAIT`]) for their threads to end. Dropping the
-    /// server does the same.
-    pub fn stop(mut self) {
+    /// server does the same. Returns the final counters (`http_connections_open` counts the
+    /// connections whose threads did not end in time, normally none).
+    pub fn stop(mut self) -> ServerStats {
         self.finish();
+        self.stats()
     }
 
     fn finish(&mut self) {
@@ -243,8 +245,7 @@ pub fn serve_forever(name: &str, http: SocketAddr, udp: SocketAddr) -> io::Resul
     );
     // Err only if the signal thread is gone, which it never is while the process lives.
     let _ = stop_rx.recv();
-    let stats = server.stats();
-    server.stop();
+    let stats = server.stop();
     tracing::info!(name, ?stats, "lab server stopped");
     Ok(())
 }
@@ -854,8 +855,10 @@ mod tests {
         c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
         read_answer(&mut c);
         let started = Instant::now();
-        server.stop();
+        let stats = server.stop();
         assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(stats.http_connections_open, 0);
+        assert_eq!(stats.http_requests, 1);
         let mut rest = Vec::new();
         assert_eq!(c.read_to_end(&mut rest).unwrap(), 0);
     }
