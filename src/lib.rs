@@ -10,6 +10,7 @@ pub mod bench;
 pub mod bird_lab;
 pub mod blast;
 pub mod forward_bench;
+pub mod lab;
 pub mod netns;
 pub mod table;
 pub mod topology;
