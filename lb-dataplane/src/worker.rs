@@ -379,16 +379,12 @@ fn run(
     tracing::debug!(worker = id, ?link, "worker started");
     loop {
         let stopping = shared.shutdown.load(Ordering::Relaxed);
-        // One snapshot per batch: a new one is adopted only here, between batches.
-        {
-            let current = shared.snapshot.load();
-            if !Arc::ptr_eq(&current, &by_slot.snapshot) {
-                by_slot.drain_into(&mut pending_backends);
-                by_slot = TrafficBySlot::new(arc_swap::Guard::into_inner(current));
-            }
-        }
-        let snapshot = Arc::clone(&by_slot.snapshot);
-        let now = monotonic_ns();
+        // One snapshot per batch, adopted between batches: here, and again when the batch's
+        // first frame arrives (the wait for it may be long, and a change published meanwhile,
+        // such as a drain, must apply to every frame that arrives after it).
+        let mut snapshot = adopt(shared, &mut by_slot, &mut pending_backends);
+        let mut now = monotonic_ns();
+        let mut first_frame = true;
         let mut queue_errors = 0u64;
         let mut sink = Sink {
             transmitter: &mut *transmitter,
@@ -399,6 +395,11 @@ fn run(
             Ok(0)
         } else {
             receiver.receive(BATCH_FRAMES, POLL_TIMEOUT, &mut |frame| {
+                if first_frame {
+                    first_frame = false;
+                    snapshot = adopt(shared, sink.by_slot, &mut pending_backends);
+                    now = monotonic_ns();
+                }
                 if batch.push(frame) {
                     return;
                 }
@@ -460,6 +461,22 @@ fn run(
             return;
         }
     }
+}
+
+/// The newest published snapshot, adopted if it changed (the old one's per-backend counts
+/// are kept in `pending`). Called only between batches: one snapshot load, no allocation
+/// unless the snapshot changed.
+fn adopt(
+    shared: &Shared,
+    by_slot: &mut TrafficBySlot,
+    pending: &mut HashMap<BackendKey, Traffic>,
+) -> Arc<Snapshot> {
+    let current = shared.snapshot.load();
+    if !Arc::ptr_eq(&current, &by_slot.snapshot) {
+        by_slot.drain_into(pending);
+        *by_slot = TrafficBySlot::new(arc_swap::Guard::into_inner(current));
+    }
+    Arc::clone(&by_slot.snapshot)
 }
 
 /// Copies `local` into the published report, without waiting unless `wait` (the last report).
