@@ -2,6 +2,7 @@
 //!
 //! - [`table`]: `lb table` and `lb table diff`, the operator's view of Maglev tables.
 //! - [`bench`](mod@bench): `lb bench table`, and the deterministic inputs the criterion benches use too.
+//! - [`lab`]: the fleet lab (`lb lab`): namespaces, processes, traffic and experiments.
 //!
 //! Commands write to a caller-given `Write`, never to stdout directly, so output is testable
 //! and a closed pipe (`lb table … | head`) ends the command quietly instead of panicking.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use lb::{bench, forward_bench, table};
+use lb::{bench, forward_bench, lab, table};
 use lb_core::config::Config;
 use lb_dataplane::agent_run;
 use lb_dataplane::control::render_status;
@@ -62,6 +62,11 @@ enum Command {
         /// Print the JSON answer instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// The fleet lab, in network namespaces on this machine (root): build it, remove it, see it.
+    Lab {
+        #[command(subcommand)]
+        what: LabCommand,
     },
     /// Change a running node: drain, undrain, set health, reload.
     Ctl {
@@ -133,6 +138,115 @@ impl SocketArgs {
             }
             (None, None) => PathBuf::from("/run/lb/lb.sock"),
         })
+    }
+}
+
+/// Where a persistent lab named `name` keeps its files.
+fn lab_dir(name: &str) -> PathBuf {
+    PathBuf::from("/run/lb-lab").join(name)
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Build the fleet and leave it running: client, router, muxes (lb mux + lb healthcheck),
+    /// backends (lb agent + a server), an internet host. Does nothing if it is already up.
+    Up(LabArgs),
+    /// Remove everything `up` made: its processes (by pid), namespaces and files.
+    Down {
+        /// The lab's name.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// Show the lab: route, muxes (generation, fingerprints), backends.
+    Status {
+        /// The lab's name.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// The main job: a temporary lab, live traffic per mux and per backend, every resilience
+    /// experiment with its figures, then the lab is removed.
+    Demo {
+        /// Seconds of live traffic view before the experiments.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=60))]
+        seconds: u64,
+        /// How the router spreads the VIP over the muxes.
+        #[arg(long, value_enum, default_value_t = RoutingArg::Multipath)]
+        routing: RoutingArg,
+    },
+    /// Run one resilience experiment (or `all`) on a temporary lab and print its figures.
+    Experiment {
+        /// mux-dies, mux-added, backend-added, backend-drained, backend-dies, reloads,
+        /// snat-egress, or all.
+        name: String,
+        /// How the router spreads the VIP over the muxes.
+        #[arg(long, value_enum, default_value_t = RoutingArg::Multipath)]
+        routing: RoutingArg,
+        /// Turn daisy chaining off (to see what it prevents).
+        #[arg(long)]
+        no_chaining: bool,
+        /// Write the results table (Markdown) to this file, e.g. RESULTS.md.
+        #[arg(long)]
+        results: Option<PathBuf>,
+    },
+    /// A backend's server in the lab: HTTP (answers its name) and UDP echo.
+    #[command(hide = true)]
+    Serve {
+        /// The name it answers.
+        #[arg(long)]
+        name: String,
+        /// HTTP address.
+        #[arg(long)]
+        http: SocketAddr,
+        /// UDP echo address.
+        #[arg(long)]
+        udp: SocketAddr,
+    },
+}
+
+#[derive(Args)]
+struct LabArgs {
+    /// The lab's name (namespaces lbl-NAME-*, files in /run/lb-lab/NAME).
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// Muxes serving from the start.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=8))]
+    muxes: u8,
+    /// Backends serving from the start.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=8))]
+    backends: u8,
+    /// How the router spreads the VIP over the muxes.
+    #[arg(long, value_enum, default_value_t = RoutingArg::Multipath)]
+    routing: RoutingArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoutingArg {
+    /// A static multipath route.
+    Multipath,
+    /// A static resilient nexthop group.
+    Resilient,
+    /// BGP: BIRD 2 on the router, a BIRD speaker per mux driven by its lb healthcheck.
+    Bgp,
+}
+
+impl RoutingArg {
+    fn routing(self) -> lab::live::Routing {
+        match self {
+            RoutingArg::Multipath => lab::live::Routing::Multipath,
+            RoutingArg::Resilient => lab::live::Routing::Resilient,
+            RoutingArg::Bgp => lab::live::Routing::Bgp,
+        }
+    }
+}
+
+impl LabArgs {
+    fn plan(&self) -> lab::live::LabPlan {
+        lab::live::LabPlan {
+            muxes: usize::from(self.muxes),
+            backends: usize::from(self.backends),
+            routing: self.routing.routing(),
+            ..lab::live::LabPlan::default()
+        }
     }
 }
 
@@ -322,6 +436,7 @@ fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Command::Lab { what } => return run_lab(what, out),
         Command::Ctl { socket, what } => {
             let req = match what {
                 CtlCommand::Drain { backend, vip } => {
@@ -346,6 +461,112 @@ fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             writeln!(out, "{answer}")?;
             if answer["ok"] != true {
                 return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_lab(what: LabCommand, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    use lab::live::LiveLab;
+    // The lab's own log lines only when asked for: the output is the figures.
+    if std::env::var_os("RUST_LOG").is_some() && !matches!(what, LabCommand::Serve { .. }) {
+        init_logs();
+    }
+    match what {
+        LabCommand::Up(args) => {
+            lb::netns::require_root("lb lab up");
+            let dir = lab_dir(&args.name);
+            if let Some(live) = LiveLab::load(&dir)? {
+                writeln!(out, "lab {} is already up\n{}", args.name, live.summary())?;
+                live.save()?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let started = std::time::Instant::now();
+            let lab = lb::netns::Lab::persistent(&args.name, &dir)?;
+            let live = LiveLab::up(lab, args.plan())?;
+            write!(out, "{}", live.summary())?;
+            writeln!(
+                out,
+                "up in {:.1} s; logs, configs and sockets in {}",
+                started.elapsed().as_secs_f64(),
+                dir.display()
+            )?;
+            live.save()?;
+        }
+        LabCommand::Down { name } => {
+            lb::netns::require_root("lb lab down");
+            let dir = lab_dir(&name);
+            if LiveLab::down(&dir)? {
+                writeln!(out, "lab {name} removed")?;
+            } else {
+                writeln!(out, "lab {name} is not up")?;
+            }
+        }
+        LabCommand::Demo { seconds, routing } => {
+            lb::netns::require_root("lb lab demo");
+            let plan = lab::live::LabPlan {
+                routing: routing.routing(),
+                ..lab::live::LabPlan::default()
+            };
+            let outcomes = lab::demo::run(plan, seconds, &lab::experiment::ALL, out)?;
+            write!(out, "\n{}", lab::experiment::results_table(&outcomes))?;
+            if outcomes.iter().any(|o| !o.passed) {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        LabCommand::Experiment {
+            name,
+            routing,
+            no_chaining,
+            results,
+        } => {
+            lb::netns::require_root("lb lab experiment");
+            let names: Vec<&str> = if name == "all" {
+                lab::experiment::ALL.to_vec()
+            } else if lab::experiment::ALL.contains(&name.as_str()) {
+                vec![name.as_str()]
+            } else {
+                anyhow::bail!(
+                    "no experiment {name:?}; there are: {}, all",
+                    lab::experiment::ALL.join(", ")
+                );
+            };
+            let plan = lab::live::LabPlan {
+                routing: routing.routing(),
+                chaining: !no_chaining,
+                ..lab::live::LabPlan::default()
+            };
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let outcomes = lab::demo::run(plan, 0, &names, out)?;
+            let table = lab::experiment::results_table(&outcomes);
+            write!(out, "\n{table}")?;
+            if let Some(path) = results {
+                std::fs::write(
+                    &path,
+                    lab::experiment::results_document(&outcomes, &command),
+                )?;
+                writeln!(out, "results written to {}", path.display())?;
+            }
+            if outcomes.iter().any(|o| !o.passed) {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        LabCommand::Serve { name, http, udp } => {
+            init_logs();
+            lab::server::serve_forever(&name, http, udp)?;
+        }
+        LabCommand::Status { name } => {
+            let dir = lab_dir(&name);
+            match LiveLab::load(&dir)? {
+                Some(live) => {
+                    write!(out, "{}", live.summary())?;
+                    live.save()?;
+                }
+                None => {
+                    writeln!(out, "lab {name} is not up")?;
+                    return Ok(ExitCode::FAILURE);
+                }
             }
         }
     }

@@ -12,6 +12,12 @@
 //! A crashed run cannot drop its lab; [`Lab::new`] therefore first removes the namespaces of
 //! the same tag whose creating process is gone, after killing the processes left inside them.
 //!
+//! **Persistent labs** (`lb lab up`, [`Lab::persistent`]) are named `lbl-{name}-{short}` and are
+//! never removed by another lab's stale cleanup. [`Lab::detach`] leaves them running and
+//! returns a [`LabRecord`] (namespaces, pids with their start times); a later process
+//! [`Lab::reattach`]es it and removes exactly what the record names: only `lbl-{name}-`
+//! namespaces, and only processes whose start time is still the recorded one.
+//!
 //! Everything here needs root (see [`require_root`]) and the `ip` tool (iproute2).
 
 use std::collections::BTreeMap;
@@ -244,6 +250,35 @@ pub struct Lab {
     exited: BTreeMap<u32, ExitStatus>,
     /// Every spawned process's log file.
     logs: BTreeMap<u32, PathBuf>,
+    /// Processes of a re-attached lab (not our children): pid → start time (`/proc/PID/stat`
+    /// field 22), so that a reused pid is never signalled.
+    adopted: BTreeMap<u32, u64>,
+    /// A persistent lab's processes get their own process group (no terminal signals).
+    persistent: bool,
+    /// Detached: dropping this value leaves everything running ([`Lab::detach`]).
+    detached: bool,
+}
+
+/// What `lb lab down` needs to remove a lab that an earlier process left running: written by
+/// [`Lab::detach`], read by [`Lab::reattach`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LabRecord {
+    /// The prefix of every namespace name.
+    pub prefix: String,
+    /// The lab's directory (logs, configs, sockets).
+    pub dir: PathBuf,
+    /// The namespaces it created.
+    pub namespaces: Vec<String>,
+    /// The processes it spawned and that were running: (pid, start time, log file).
+    pub processes: Vec<(u32, u64, PathBuf)>,
+}
+
+/// The start time of process `pid` (clock ticks since boot, `/proc/PID/stat` field 22).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from its end.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
 }
 
 impl Lab {
@@ -269,7 +304,137 @@ impl Lab {
             children: BTreeMap::new(),
             exited: BTreeMap::new(),
             logs: BTreeMap::new(),
+            adopted: BTreeMap::new(),
+            persistent: false,
+            detached: false,
         })
+    }
+
+    /// A lab meant to outlive this process (`lb lab up`): namespaces `lbl-{name}-{short}`,
+    /// files in `dir` (created; emptied if it exists). Its processes run in their own process
+    /// group, so a terminal's Ctrl-C does not reach them. Fails if a namespace with that prefix
+    /// exists: it would be another lab's.
+    pub fn persistent(name: &str, dir: &Path) -> io::Result<Lab> {
+        check_word("lab name", name)?;
+        let prefix = format!("lbl-{name}");
+        if let Ok(entries) = fs::read_dir(NETNS_RUN_DIR) {
+            for e in entries.flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{prefix}-"))
+                {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        format!(
+                            "namespace {} exists: lab {name} is up, or was left without its record (remove it with `ip netns del`)",
+                            e.file_name().to_string_lossy()
+                        ),
+                    ));
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(dir);
+        fs::create_dir_all(dir)?;
+        Ok(Lab {
+            prefix,
+            dir: dir.to_owned(),
+            namespaces: Vec::new(),
+            children: BTreeMap::new(),
+            exited: BTreeMap::new(),
+            logs: BTreeMap::new(),
+            adopted: BTreeMap::new(),
+            persistent: true,
+            detached: false,
+        })
+    }
+
+    /// Leaves the namespaces and the running processes in place and returns what
+    /// [`Lab::reattach`] needs to remove them later. Dropping the lab afterwards does nothing.
+    pub fn detach(mut self) -> LabRecord {
+        let mut processes = Vec::new();
+        for (&pid, child) in &mut self.children {
+            if matches!(child.try_wait(), Ok(None))
+                && let Some(started) = start_time(pid)
+            {
+                processes.push((
+                    pid,
+                    started,
+                    self.logs.get(&pid).cloned().unwrap_or_default(),
+                ));
+            }
+        }
+        for (&pid, &started) in &self.adopted {
+            if start_time(pid) == Some(started) {
+                processes.push((
+                    pid,
+                    started,
+                    self.logs.get(&pid).cloned().unwrap_or_default(),
+                ));
+            }
+        }
+        self.detached = true;
+        LabRecord {
+            prefix: self.prefix.clone(),
+            dir: self.dir.clone(),
+            namespaces: self.namespaces.clone(),
+            processes,
+        }
+    }
+
+    /// Takes back a lab an earlier process detached: its namespaces and processes are this
+    /// lab's again, and dropping it stops the processes (SIGTERM, then SIGKILL) and removes
+    /// the namespaces and the directory. Only names with the `lbl-` prefix are accepted, and a
+    /// process is signalled only while its start time is the recorded one.
+    pub fn reattach(record: LabRecord) -> io::Result<Lab> {
+        let lab_word = record.prefix.strip_prefix("lbl-").unwrap_or("");
+        check_word("lab name", lab_word)?;
+        for ns in &record.namespaces {
+            if !ns.starts_with(&format!("{}-", record.prefix)) {
+                return Err(invalid(format!(
+                    "namespace {ns} is not lab {}'s: refusing to touch it",
+                    record.prefix
+                )));
+            }
+        }
+        let mut logs = BTreeMap::new();
+        let mut adopted = BTreeMap::new();
+        for (pid, started, log) in record.processes {
+            adopted.insert(pid, started);
+            logs.insert(pid, log);
+        }
+        Ok(Lab {
+            prefix: record.prefix,
+            dir: record.dir,
+            namespaces: record
+                .namespaces
+                .into_iter()
+                .filter(|n| Path::new(NETNS_RUN_DIR).join(n).exists())
+                .collect(),
+            children: BTreeMap::new(),
+            exited: BTreeMap::new(),
+            logs,
+            adopted,
+            persistent: true,
+            detached: false,
+        })
+    }
+
+    /// Handles to this lab's namespaces, by short name (`{prefix}-{short}`).
+    pub fn existing_namespace(&self, short: &str) -> Option<Namespace> {
+        let name = format!("{}-{short}", self.prefix);
+        self.namespaces
+            .contains(&name)
+            .then_some(Namespace { name })
+    }
+
+    /// Whether `pid` is one of this lab's processes and still running.
+    pub fn running(&mut self, pid: u32) -> bool {
+        if let Some(child) = self.children.get_mut(&pid) {
+            return matches!(child.try_wait(), Ok(None));
+        }
+        self.adopted
+            .get(&pid)
+            .is_some_and(|&started| start_time(pid) == Some(started))
     }
 
     /// The prefix of every namespace name of this lab (`lbt-{tag}-{pid}-{seq}`).
@@ -383,6 +548,9 @@ impl Lab {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if self.persistent {
+            std::os::unix::process::CommandExt::process_group(&mut wrapped, 0);
+        }
         let child = wrapped.spawn()?;
         let pid = child.id();
         self.children.insert(pid, child);
@@ -455,6 +623,26 @@ impl Lab {
         }
     }
 
+    /// SIGTERM to every adopted process still running (same start time), up to [`TERM_GRACE`]
+    /// to exit; what is left is killed with the rest of the namespace's processes.
+    fn stop_adopted(&mut self) {
+        let alive = |pid: u32, started: u64| start_time(pid) == Some(started);
+        for (&pid, &started) in &self.adopted {
+            if alive(pid, started)
+                && let Ok(pid) = libc::pid_t::try_from(pid)
+            {
+                // SAFETY: kill has no memory-safety preconditions; the start time check makes
+                // a reused pid very unlikely (and every pid here ran inside our namespaces).
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+        let deadline = Instant::now() + TERM_GRACE;
+        while self.adopted.iter().any(|(&p, &s)| alive(p, s)) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.adopted.clear();
+    }
+
     /// SIGTERM to every unreaped child, up to [`TERM_GRACE`] to exit, then SIGKILL; reaps all.
     fn stop_children(&mut self) {
         for (&pid, child) in &mut self.children {
@@ -497,7 +685,11 @@ impl Drop for Lab {
     /// Stops the spawned processes, kills whatever else is left inside the lab's namespaces,
     /// deletes the namespaces and the log directory. Never panics; problems go to stderr.
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         self.stop_children();
+        self.stop_adopted();
         for name in &self.namespaces {
             kill_inside(name);
             if let Err(e) = run_checked("ip", &["netns", "del", name]) {

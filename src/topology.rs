@@ -41,7 +41,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use crate::netns::{Lab, Namespace, VethEnd};
 
 /// What [`Fleet::build`] builds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FleetPlan {
     /// Number of muxes, 1 to [`Fleet::MAX_MUXES`].
     pub muxes: usize,
@@ -295,6 +295,30 @@ impl Fleet {
         let all: Vec<usize> = (1..=plan.muxes).collect();
         fleet.route_vip_via(&all)?;
         Ok(fleet)
+    }
+
+    /// Handles to a fleet that `plan` built earlier in `lab` (a re-attached persistent lab);
+    /// fails if one of its namespaces is missing.
+    pub fn attach(lab: &Lab, plan: &FleetPlan) -> io::Result<Fleet> {
+        let get = |short: String| {
+            lab.existing_namespace(&short).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("namespace {}-{short} is gone", lab.prefix()),
+                )
+            })
+        };
+        Ok(Fleet {
+            client: get("client".into())?,
+            router: get("router".into())?,
+            muxes: (1..=plan.muxes)
+                .map(|i| get(format!("mux{i}")))
+                .collect::<io::Result<_>>()?,
+            backends: (1..=plan.backends)
+                .map(|j| get(format!("be{j}")))
+                .collect::<io::Result<_>>()?,
+            plan: *plan,
+        })
     }
 
     /// The plan this fleet was built from.

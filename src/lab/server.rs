@@ -1,5 +1,5 @@
 //! The lab backend's real servers: an HTTP/1.1 server with keep-alive whose every answer is the
-//! backend's name, and a UDP echo. `lb lab serve` runs them ([`serve_forever`]) inside each
+//! backend's name (`GET /whoami`: the client's address as seen here), and a UDP echo. `lb lab serve` runs them ([`serve_forever`]) inside each
 //! backend namespace, bound to `0.0.0.0`, so they answer on the VIP (direct server return) and
 //! on the backend's own address (health checks) alike.
 //!
@@ -319,6 +319,9 @@ fn forget_connection(shared: &Shared, id: u64) {
 struct Request {
     /// HEAD: the answer has no body.
     head_only: bool,
+    /// `GET /whoami`: the answer is the client's address as this server saw it (the lab's
+    /// SNAT experiment asks the internet host which source it saw).
+    whoami: bool,
     /// Body bytes that follow the head.
     content_length: usize,
     /// The connection stays open after the answer.
@@ -327,13 +330,16 @@ struct Request {
     expect_continue: bool,
 }
 
+/// The path whose answer is the client's address (`ip:port`) instead of the server's name.
+pub const WHOAMI_PATH: &str = "/whoami";
+
 /// Parses a request head (without its final empty line); `Err` is the status to answer with.
 fn parse_head(head: &[u8]) -> Result<Request, u16> {
     let text = std::str::from_utf8(head).map_err(|_| 400u16)?;
     let mut lines = text.split("\r\n");
     let request_line = lines.next().unwrap_or("");
     let mut parts = request_line.split(' ');
-    let (Some(method), Some(_target), Some(version), None) =
+    let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(400);
@@ -345,6 +351,7 @@ fn parse_head(head: &[u8]) -> Result<Request, u16> {
     };
     let mut request = Request {
         head_only: method == "HEAD",
+        whoami: target == WHOAMI_PATH,
         content_length: 0,
         keep_alive: http11,
         expect_continue: false,
@@ -451,10 +458,18 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
             }
             remaining -= n;
         }
+        let body: std::borrow::Cow<'_, str> = if request.whoami {
+            stream
+                .peer_addr()
+                .map_or_else(|e| format!("? ({e})\n"), |peer| format!("{peer}\n"))
+                .into()
+        } else {
+            shared.body.as_str().into()
+        };
         respond(
             &mut stream,
             200,
-            &shared.body,
+            &body,
             !request.head_only,
             request.keep_alive,
         )?;
