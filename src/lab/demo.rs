@@ -59,6 +59,26 @@ pub fn run(
     Ok(outcomes)
 }
 
+/// Cumulative frames per mux (`muxI`) and packets per backend (`backend NAME`), summed over
+/// the active muxes.
+fn counters(live: &LiveLab) -> BTreeMap<String, u64> {
+    let mut into = BTreeMap::new();
+    for &i in live.active_muxes() {
+        let s = live.mux_status(i);
+        into.insert(
+            format!("mux{i}"),
+            s["counters"]["frames"].as_u64().unwrap_or(0),
+        );
+        for vip in s["vips"].as_array().into_iter().flatten() {
+            for b in vip["backends"].as_array().into_iter().flatten() {
+                let name = format!("backend {}", b["name"].as_str().unwrap_or("?"));
+                *into.entry(name).or_default() += b["packets"].as_u64().unwrap_or(0);
+            }
+        }
+    }
+    into
+}
+
 /// Per-mux frames and per-backend packets, each second, while traffic runs.
 fn live_view(live: &LiveLab, seconds: u64, out: &mut dyn Write) -> io::Result<()> {
     let web = SocketAddr::V4(SocketAddrV4::new(Fleet::VIP, WEB_PORT));
@@ -78,32 +98,25 @@ fn live_view(live: &LiveLab, seconds: u64, out: &mut dyn Write) -> io::Result<()
         out,
         "== live traffic: {VIEW_CONNECTIONS} TCP connections (a request each every 100 ms) and 500 UDP datagrams/s"
     )?;
-    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    let mut last = counters(live);
     for second in 1..=seconds {
         thread::sleep(Duration::from_secs(1));
-        let mut muxes = Vec::new();
-        let mut backends: BTreeMap<String, u64> = BTreeMap::new();
-        for &i in live.active_muxes() {
-            let s = live.mux_status(i);
-            let frames = s["counters"]["frames"].as_u64().unwrap_or(0);
-            let key = format!("mux{i}");
-            let delta = frames.saturating_sub(last.get(&key).copied().unwrap_or(frames));
-            last.insert(key.clone(), frames);
-            muxes.push(format!("{key} {delta:>5}/s"));
-            for vip in s["vips"].as_array().into_iter().flatten() {
-                for b in vip["backends"].as_array().into_iter().flatten() {
-                    let name = b["name"].as_str().unwrap_or("?").to_owned();
-                    *backends.entry(name).or_default() += b["packets"].as_u64().unwrap_or(0);
-                }
-            }
-        }
-        let mut per_backend = Vec::new();
-        for (name, packets) in backends {
-            let key = format!("backend {name}");
-            let delta = packets.saturating_sub(last.get(&key).copied().unwrap_or(packets));
-            last.insert(key, packets);
-            per_backend.push(format!("{name} {delta:>5}/s"));
-        }
+        let now = counters(live);
+        let rate = |key: &str| {
+            let value = now.get(key).copied().unwrap_or(0);
+            value.saturating_sub(last.get(key).copied().unwrap_or(value))
+        };
+        let muxes: Vec<String> = now
+            .keys()
+            .filter(|k| k.starts_with("mux"))
+            .map(|k| format!("{k} {:>5}/s", rate(k)))
+            .collect();
+        let per_backend: Vec<String> = now
+            .keys()
+            .filter_map(|k| k.strip_prefix("backend ").map(|name| (k, name)))
+            .map(|(k, name)| format!("{name} {:>5}/s", rate(k)))
+            .collect();
+        last = now;
         let t = tcp.snapshot();
         writeln!(
             out,
