@@ -188,6 +188,13 @@ enum LabCommand {
         #[arg(long)]
         results: Option<PathBuf>,
     },
+    /// One HTTP request from the current namespace (e.g. `ip netns exec lbl-default-client lb
+    /// lab get`): prints the answer, the name of the backend that served it.
+    Get {
+        /// Where to send it.
+        #[arg(default_value = "198.18.100.1:80")]
+        to: SocketAddr,
+    },
     /// A backend's server in the lab: HTTP (answers its name) and UDP echo.
     #[command(hide = true)]
     Serve {
@@ -515,13 +522,26 @@ fn run_lab(what: LabCommand, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        LabCommand::Get { to } => {
+            use std::io::Read as _;
+            let mut c =
+                std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(5))?;
+            c.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            c.write_all(b"GET / HTTP/1.0\r\nHost: lab\r\n\r\n")?;
+            let mut answer = String::new();
+            c.read_to_string(&mut answer)?;
+            let body = answer
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b)
+                .ok_or_else(|| anyhow::anyhow!("not an HTTP answer: {answer:?}"))?;
+            write!(out, "{body}")?;
+        }
         LabCommand::Experiment {
             name,
             routing,
             no_chaining,
             results,
         } => {
-            lb::netns::require_root("lb lab experiment");
             let names: Vec<&str> = if name == "all" {
                 lab::experiment::ALL.to_vec()
             } else if lab::experiment::ALL.contains(&name.as_str()) {
@@ -532,13 +552,26 @@ fn run_lab(what: LabCommand, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                     lab::experiment::ALL.join(", ")
                 );
             };
+            lb::netns::require_root("lb lab experiment");
             let plan = lab::live::LabPlan {
                 routing: routing.routing(),
                 chaining: !no_chaining,
                 ..lab::live::LabPlan::default()
             };
             let command = std::env::args().collect::<Vec<_>>().join(" ");
-            let outcomes = lab::demo::run(plan, 0, &names, out)?;
+            let mut outcomes = lab::demo::run(plan.clone(), 0, &names, out)?;
+            if name == "all" && !no_chaining {
+                // The control: the same case with chaining off must break connections.
+                let control = lab::live::LabPlan {
+                    chaining: false,
+                    ..plan
+                };
+                for o in lab::demo::run(control, 0, &["backend-added"], out)? {
+                    let o = lab::experiment::as_control(o);
+                    writeln!(out, "{}", o.line())?;
+                    outcomes.push(o);
+                }
+            }
             let table = lab::experiment::results_table(&outcomes);
             write!(out, "\n{table}")?;
             if let Some(path) = results {

@@ -486,3 +486,14 @@ fn bench_table_quick_json_has_the_documented_fields() {
     let ratio = summary["ratio_build_vs_maglev_hash"].as_f64().unwrap();
     assert!(ratio.is_finite() && ratio > 0.0, "{summary}");
 }
+
+#[test]
+fn an_unknown_experiment_is_refused_before_anything_is_built() {
+    let o = lb(&["lab", "experiment", "mux-explodes"]);
+    assert_clean_failure(&o);
+    assert!(
+        stderr(&o).contains("no experiment \"mux-explodes\"; there are: mux-dies"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -1,0 +1,150 @@
+//! `lb lab up|status|down` as an operator runs them (root): a persistent lab survives the
+//! command that built it, serves real HTTP through its muxes, `up` again changes nothing,
+//! `down` removes every namespace and process it made (and only those), and a namespace the
+//! lab did not make is never touched.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use lb::netns::require_root;
+
+fn lb(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(args)
+        .output()
+        .expect("the lb binary runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn namespaces(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Processes whose command line mentions `needle` (the lab's directory).
+fn processes_with(needle: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+                .filter(|e| {
+                    std::fs::read(e.path().join("cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// One HTTP/1.0 request to the VIP from the lab's client namespace: the backend's name.
+fn get_from_client(client_ns: &str) -> String {
+    let o = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            client_ns,
+            env!("CARGO_BIN_EXE_lb"),
+            "lab",
+            "get",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+#[test]
+fn a_persistent_lab_comes_up_serves_and_goes_away_completely() {
+    require_root("lab_cli_netns::a_persistent_lab_comes_up_serves_and_goes_away_completely");
+    let name = format!("t{}", std::process::id());
+    let prefix = format!("lbl-{name}-");
+    let dir = format!("/run/lb-lab/{name}");
+    let _cleanup = Cleanup(name.clone());
+
+    let up = lb(&[
+        "lab",
+        "up",
+        "--name",
+        &name,
+        "--muxes",
+        "2",
+        "--backends",
+        "2",
+    ]);
+    assert!(up.status.success(), "{}", text(&up));
+    assert!(
+        text(&up).contains("mux1") && text(&up).contains("be2"),
+        "{}",
+        text(&up)
+    );
+    assert!(!namespaces(&prefix).is_empty());
+    assert!(
+        processes_with(&dir) >= 6,
+        "muxes, sidecars, agents keep running after up exits"
+    );
+
+    // It serves: requests through the router and the muxes reach both backends.
+    let client = format!("{prefix}client");
+    let answers: Vec<String> = (0..20).map(|_| get_from_client(&client)).collect();
+    for backend in ["be1", "be2"] {
+        assert!(answers.iter().any(|a| a == backend), "{answers:?}");
+    }
+
+    let status = lb(&["lab", "status", "--name", &name]);
+    assert!(status.status.success(), "{}", text(&status));
+    assert!(text(&status).contains("generation 1"), "{}", text(&status));
+
+    let again = lb(&["lab", "up", "--name", &name]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(text(&again).contains("already up"), "{}", text(&again));
+
+    let down = lb(&["lab", "down", "--name", &name]);
+    assert!(down.status.success(), "{}", text(&down));
+    assert!(namespaces(&prefix).is_empty(), "{:?}", namespaces(&prefix));
+    assert_eq!(processes_with(&dir), 0, "a lab process outlived down");
+    assert!(!Path::new(&dir).exists());
+    assert!(text(&lb(&["lab", "down", "--name", &name])).contains("is not up"));
+    let status = lb(&["lab", "status", "--name", &name]);
+    assert!(!status.status.success() && text(&status).contains("is not up"));
+}
+
+#[test]
+fn a_namespace_the_lab_did_not_make_is_never_touched() {
+    require_root("lab_cli_netns::a_namespace_the_lab_did_not_make_is_never_touched");
+    let name = format!("f{}", std::process::id());
+    let foreign = format!("lbl-{name}-foreign");
+    let status = Command::new("ip")
+        .args(["netns", "add", &foreign])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let up = lb(&["lab", "up", "--name", &name]);
+    let down = lb(&["lab", "down", "--name", &name]);
+    let still_there = namespaces(&foreign) == [foreign.clone()];
+    let _ = Command::new("ip").args(["netns", "del", &foreign]).status();
+    assert!(!up.status.success(), "up went ahead: {}", text(&up));
+    assert!(text(&up).contains(&foreign), "{}", text(&up));
+    assert!(text(&down).contains("is not up"), "{}", text(&down));
+    assert!(still_there, "down removed a namespace it did not make");
+}
+
+/// Removes the lab if the test fails half-way.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = lb(&["lab", "down", "--name", &self.0]);
+    }
+}
