@@ -112,3 +112,16 @@ fn with_bgp_a_mux_dies_and_is_added_back_without_breaking_connections() {
     );
     assert_passed(&outcomes);
 }
+
+#[test]
+fn with_a_resilient_nexthop_group_a_mux_dies_and_is_added_back_without_breaking_connections() {
+    let outcomes = run(
+        "xresil",
+        LabPlan {
+            routing: Routing::Resilient,
+            ..plan()
+        },
+        &["mux-dies", "mux-added"],
+    );
+    assert_passed(&outcomes);
+}
