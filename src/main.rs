@@ -141,9 +141,13 @@ impl SocketArgs {
     }
 }
 
-/// Where a persistent lab named `name` keeps its files.
-fn lab_dir(name: &str) -> PathBuf {
-    PathBuf::from("/run/lb-lab").join(name)
+/// Where a persistent lab named `name` keeps its files; the name is 1 to 12 ASCII letters and
+/// digits (it goes into namespace and path names).
+fn lab_dir(name: &str) -> anyhow::Result<PathBuf> {
+    if name.is_empty() || name.len() > 12 || !name.chars().all(|c| c.is_ascii_alphanumeric()) {
+        anyhow::bail!("lab name {name:?}: use 1 to 12 ASCII letters and digits");
+    }
+    Ok(PathBuf::from("/run/lb-lab").join(name))
 }
 
 #[derive(Subcommand)]
@@ -483,27 +487,41 @@ fn run_lab(what: LabCommand, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     match what {
         LabCommand::Up(args) => {
             lb::netns::require_root("lb lab up");
-            let dir = lab_dir(&args.name);
-            if let Some(live) = LiveLab::load(&dir)? {
-                writeln!(out, "lab {} is already up\n{}", args.name, live.summary())?;
-                live.save()?;
+            let dir = lab_dir(&args.name)?;
+            if let Some(live) = LiveLab::peek(&dir)? {
+                writeln!(
+                    out,
+                    "lab {} is already up (with the settings it was built with; `lb lab down --name {}` first to change them)\n{}",
+                    args.name,
+                    args.name,
+                    live.summary()
+                )?;
                 return Ok(ExitCode::SUCCESS);
+            }
+            if LiveLab::interrupted(&dir) {
+                anyhow::bail!(
+                    "an earlier `lb lab up --name {}` was interrupted: remove what it built with `lb lab down --name {}`",
+                    args.name,
+                    args.name
+                );
             }
             let started = std::time::Instant::now();
             let lab = lb::netns::Lab::persistent(&args.name, &dir)?;
             let live = LiveLab::up(lab, args.plan())?;
-            write!(out, "{}", live.summary())?;
+            let summary = live.summary();
+            // Recorded before anything is printed: a closed pipe must not take the lab down.
+            live.save()?;
+            write!(out, "{summary}")?;
             writeln!(
                 out,
                 "up in {:.1} s; logs, configs and sockets in {}",
                 started.elapsed().as_secs_f64(),
                 dir.display()
             )?;
-            live.save()?;
         }
         LabCommand::Down { name } => {
             lb::netns::require_root("lb lab down");
-            let dir = lab_dir(&name);
+            let dir = lab_dir(&name)?;
             if LiveLab::down(&dir)? {
                 writeln!(out, "lab {name} removed")?;
             } else {
@@ -590,12 +608,10 @@ fn run_lab(what: LabCommand, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             lab::server::serve_forever(&name, http, udp)?;
         }
         LabCommand::Status { name } => {
-            let dir = lab_dir(&name);
-            match LiveLab::load(&dir)? {
-                Some(live) => {
-                    write!(out, "{}", live.summary())?;
-                    live.save()?;
-                }
+            let dir = lab_dir(&name)?;
+            // A look only: the lab stays as it is whatever happens here.
+            match LiveLab::peek(&dir)? {
+                Some(live) => write!(out, "{}", live.summary())?,
                 None => {
                     writeln!(out, "lab {name} is not up")?;
                     return Ok(ExitCode::FAILURE);

@@ -13,7 +13,9 @@
 //! the same tag whose creating process is gone, after killing the processes left inside them.
 //!
 //! **Persistent labs** (`lb lab up`, [`Lab::persistent`]) are named `lbl-{name}-{short}` and are
-//! never removed by another lab's stale cleanup. [`Lab::detach`] leaves them running and
+//! never removed by another lab's stale cleanup. While one is built, [`JOURNAL`] in its
+//! directory records every namespace and process so far, so that an interrupted build can be
+//! removed. [`Lab::detach`] leaves them running and
 //! returns a [`LabRecord`] (namespaces, pids with their start times); a later process
 //! [`Lab::reattach`]es it and removes exactly what the record names: only `lbl-{name}-`
 //! namespaces, and only processes whose start time is still the recorded one.
@@ -273,11 +275,22 @@ pub struct LabRecord {
     pub processes: Vec<(u32, u64, PathBuf)>,
 }
 
+/// The file in a persistent lab's directory that records it while it is built.
+pub const JOURNAL: &str = "journal.json";
+
+/// Writes `bytes` to `path` through a temporary file and a rename: a reader sees the old file
+/// or the new one, never half of one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes)?;
+    fs::rename(&tmp, path)
+}
+
 /// The start time of process `pid` (clock ticks since boot, `/proc/PID/stat` field 22).
 fn start_time(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: count from its end.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     rest.split(' ').nth(19)?.parse().ok()
 }
 
@@ -326,7 +339,7 @@ impl Lab {
                     return Err(io::Error::new(
                         io::ErrorKind::AlreadyExists,
                         format!(
-                            "namespace {} exists: lab {name} is up, or was left without its record (remove it with `ip netns del`)",
+                            "namespace {} exists, and lab {name} has no record of it: another tool's, or left by a crash (look inside, then `ip netns del` it)",
                             e.file_name().to_string_lossy()
                         ),
                     ));
@@ -351,34 +364,17 @@ impl Lab {
     /// Leaves the namespaces and the running processes in place and returns what
     /// [`Lab::reattach`] needs to remove them later. Dropping the lab afterwards does nothing.
     pub fn detach(mut self) -> LabRecord {
-        let mut processes = Vec::new();
-        for (&pid, child) in &mut self.children {
-            if matches!(child.try_wait(), Ok(None))
-                && let Some(started) = start_time(pid)
-            {
-                processes.push((
-                    pid,
-                    started,
-                    self.logs.get(&pid).cloned().unwrap_or_default(),
-                ));
-            }
-        }
-        for (&pid, &started) in &self.adopted {
-            if start_time(pid) == Some(started) {
-                processes.push((
-                    pid,
-                    started,
-                    self.logs.get(&pid).cloned().unwrap_or_default(),
-                ));
-            }
-        }
+        self.write_journal();
         self.detached = true;
-        LabRecord {
-            prefix: self.prefix.clone(),
-            dir: self.dir.clone(),
-            namespaces: self.namespaces.clone(),
-            processes,
-        }
+        self.record()
+    }
+
+    /// A handle on a lab an earlier process detached, to look at it only: dropping it leaves
+    /// everything running (`lb lab status`).
+    pub fn view(record: LabRecord) -> io::Result<Lab> {
+        let mut lab = Lab::reattach(record)?;
+        lab.detached = true;
+        Ok(lab)
     }
 
     /// Takes back a lab an earlier process detached: its namespaces and processes are this
@@ -461,6 +457,7 @@ impl Lab {
         run_checked("ip", &["netns", "add", &name])?;
         // Recorded before configuring, so that drop deletes it even if configuring fails.
         self.namespaces.push(name.clone());
+        self.write_journal();
         let ns = Namespace { name };
         ns.ip(&["link", "set", "lo", "up"])?;
         ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
@@ -555,7 +552,67 @@ impl Lab {
         let pid = child.id();
         self.children.insert(pid, child);
         self.logs.insert(pid, log_path);
+        self.write_journal();
         Ok(pid)
+    }
+
+    /// The record of what this lab has made so far: namespaces, and the processes still
+    /// running with their start times.
+    fn record(&mut self) -> LabRecord {
+        let mut processes = Vec::new();
+        for (&pid, child) in &mut self.children {
+            if matches!(child.try_wait(), Ok(None))
+                && let Some(started) = start_time(pid)
+            {
+                processes.push((
+                    pid,
+                    started,
+                    self.logs.get(&pid).cloned().unwrap_or_default(),
+                ));
+            }
+        }
+        for (&pid, &started) in &self.adopted {
+            if start_time(pid) == Some(started) {
+                processes.push((
+                    pid,
+                    started,
+                    self.logs.get(&pid).cloned().unwrap_or_default(),
+                ));
+            }
+        }
+        LabRecord {
+            prefix: self.prefix.clone(),
+            dir: self.dir.clone(),
+            namespaces: self.namespaces.clone(),
+            processes,
+        }
+    }
+
+    /// A persistent lab keeps [`JOURNAL`] in its directory up to date as it grows, so that a
+    /// build interrupted by a signal can still be removed ([`Lab::journal`]).
+    fn write_journal(&mut self) {
+        if !self.persistent || self.detached {
+            return;
+        }
+        let record = self.record();
+        let path = self.dir.join(JOURNAL);
+        let written = serde_json::to_vec(&record)
+            .map_err(io::Error::other)
+            .and_then(|bytes| write_atomically(&path, &bytes));
+        if let Err(e) = written {
+            eprintln!("lb::netns: cannot write {}: {e}", path.display());
+        }
+    }
+
+    /// The journal a persistent lab in `dir` left (see [`Lab::persistent`]), if any.
+    pub fn journal(dir: &Path) -> io::Result<Option<LabRecord>> {
+        match fs::read(dir.join(JOURNAL)) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| invalid(format!("{}: {e}", dir.join(JOURNAL).display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The output (stdout and stderr, interleaved) of spawned process `pid` so far.

@@ -52,6 +52,11 @@ pub const CHECK_INTERVAL_MS: u32 = 500;
 pub const CHECK_FALL: u32 = 3;
 /// Consecutive successes that bring it back.
 pub const CHECK_RISE: u32 = 2;
+/// With static routing, how long after a mux dies the router's route loses it (the time
+/// three missed 100 ms BFD packets take).
+pub const FAILURE_DETECTION: Duration = Duration::from_millis(300);
+/// The file in the lab's directory that records a lab `up` left running.
+pub const RECORD: &str = "lab.json";
 /// How long `up` waits for the fleet to settle.
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -135,6 +140,8 @@ pub struct LiveLab {
     procs: BTreeMap<String, Proc>,
     active_muxes: Vec<usize>,
     active_backends: Vec<usize>,
+    /// Backend weights other than 1.
+    weights: BTreeMap<usize, u32>,
 }
 
 fn other(message: String) -> io::Error {
@@ -183,6 +190,7 @@ impl LiveLab {
             procs: BTreeMap::new(),
             active_muxes: (1..=plan.muxes).collect(),
             active_backends: (1..=plan.backends).collect(),
+            weights: BTreeMap::new(),
         };
         for j in 1..=plan.backends {
             live.start_backend(j)?;
@@ -253,8 +261,9 @@ impl LiveLab {
             for &j in &self.active_backends {
                 let _ = write!(
                     s,
-                    "  [[vip.backend]]\n  address = \"{}\"\n  name = \"be{j}\"\n",
-                    Fleet::backend_address(j)
+                    "  [[vip.backend]]\n  address = \"{}\"\n  name = \"be{j}\"\n  weight = {}\n",
+                    Fleet::backend_address(j),
+                    self.weights.get(&j).copied().unwrap_or(1)
                 );
             }
         }
@@ -424,11 +433,8 @@ impl LiveLab {
             &["mux", "--config", &config, "--no-metrics"],
             Some(socket),
         )?;
-        if !self
-            .procs
-            .get(&format!("hc{i}"))
-            .is_some_and(|p| self.lab_running(p.pid))
-        {
+        let sidecar = self.procs.get(&format!("hc{i}")).map(|p| p.pid);
+        if !sidecar.is_some_and(|pid| self.lab.running(pid)) {
             let socket = self.dir().join(format!("hc{i}.sock"));
             self.start_lb(
                 &format!("hc{i}"),
@@ -438,10 +444,6 @@ impl LiveLab {
             )?;
         }
         Ok(())
-    }
-
-    fn lab_running(&self, pid: u32) -> bool {
-        Path::new(&format!("/proc/{pid}")).exists()
     }
 
     /// Sends `signal` to lab process `key`.
@@ -469,14 +471,17 @@ impl LiveLab {
         self.fleet.route_vip_via(&self.active_muxes)
     }
 
-    /// Kills mux `i`'s `lb mux` (SIGKILL, a crash) and takes it out of the route (static
-    /// routing; with BGP its sidecar withdraws).
+    /// Kills mux `i`'s `lb mux` (SIGKILL, a crash). With static routing the router's route
+    /// loses it [`FAILURE_DETECTION`] later, as a BFD-speed detection would; with BGP its
+    /// sidecar withdraws it.
     pub fn kill_mux(&mut self, i: usize) -> io::Result<()> {
-        self.active_muxes.retain(|&m| m != i);
-        self.route()?;
         self.signal(&format!("mux{i}"), libc::SIGKILL)?;
         self.wait_exit(&format!("mux{i}"), Duration::from_secs(5));
-        Ok(())
+        self.active_muxes.retain(|&m| m != i);
+        if self.plan.routing != Routing::Bgp {
+            thread::sleep(FAILURE_DETECTION);
+        }
+        self.route()
     }
 
     /// Adds mux `i` (a spare, or one that was killed): starts it, then routes to it.
@@ -517,12 +522,17 @@ impl LiveLab {
         for j in 1..=self.plan.backends + self.plan.spare_backends {
             self.write_config(&format!("agent{j}"), &self.agent_config(j))?;
         }
-        for key in self.procs.keys() {
-            if key.starts_with("mux") || key.starts_with("hc") || key.starts_with("agent") {
-                let pid = self.procs[key].pid;
-                if self.lab_running(pid) {
-                    let _ = self.lab.signal(pid, libc::SIGHUP);
-                }
+        let nodes: Vec<u32> = self
+            .procs
+            .iter()
+            .filter(|(key, _)| {
+                key.starts_with("mux") || key.starts_with("hc") || key.starts_with("agent")
+            })
+            .map(|(_, p)| p.pid)
+            .collect();
+        for pid in nodes {
+            if self.lab.running(pid) {
+                let _ = self.lab.signal(pid, libc::SIGHUP);
             }
         }
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -541,6 +551,16 @@ impl LiveLab {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Sets backend `j`'s weight in every mux's config file (the muxes and sidecars pick it up
+    /// when they reload: `lb ctl reload`, SIGHUP, or their file watchers).
+    pub fn set_weight(&mut self, j: usize, weight: u32) -> io::Result<()> {
+        self.weights.insert(j, weight);
+        for i in 1..=self.plan.muxes + self.plan.spare_muxes {
+            self.write_config(&format!("mux{i}"), &self.mux_config(i))?;
+        }
+        Ok(())
     }
 
     /// Drains backend `j` on every active mux (`lb ctl drain`): no new flows, tracked ones stay.
@@ -720,8 +740,8 @@ impl LiveLab {
         s
     }
 
-    /// Leaves the lab running and records it in `{dir}/lab.json` for [`LiveLab::load`] and
-    /// [`LiveLab::down`].
+    /// Leaves the lab running and records it in `{dir}/lab.json` (written atomically) for
+    /// [`LiveLab::peek`] and [`LiveLab::down`].
     pub fn save(self) -> io::Result<PathBuf> {
         let dir = self.dir().to_owned();
         let LiveLab {
@@ -739,72 +759,79 @@ impl LiveLab {
             active_muxes,
             active_backends,
         };
-        let path = dir.join("lab.json");
-        let text = serde_json::to_string_pretty(&state).map_err(|e| other(e.to_string()))?;
-        fs::write(&path, text)?;
+        let path = dir.join(RECORD);
+        let text = serde_json::to_vec_pretty(&state).map_err(|e| other(e.to_string()))?;
+        crate::netns::write_atomically(&path, &text)?;
         Ok(path)
     }
 
-    /// Takes back a lab that `save` left running in `dir`. `None`: there is none.
-    pub fn load(dir: &Path) -> io::Result<Option<LiveLab>> {
-        let path = dir.join("lab.json");
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+    fn read_state(dir: &Path) -> io::Result<Option<State>> {
+        let path = dir.join(RECORD);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| other(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A look at the lab that `save` left running in `dir`, without taking it over: dropping
+    /// the value leaves the lab as it is. `None`: there is none. A lab whose namespaces are
+    /// gone is an error (remove it with [`LiveLab::down`]).
+    pub fn peek(dir: &Path) -> io::Result<Option<LiveLab>> {
+        let Some(state) = Self::read_state(dir)? else {
+            return Ok(None);
         };
-        let state: State =
-            serde_json::from_str(&text).map_err(|e| other(format!("{}: {e}", path.display())))?;
-        let lab = Lab::reattach(state.record)?;
+        let lab = Lab::view(state.record)?;
         let total = FleetPlan {
             muxes: state.plan.muxes + state.plan.spare_muxes,
             backends: state.plan.backends + state.plan.spare_backends,
             resilient: state.plan.routing == Routing::Resilient,
             ipv6: false,
         };
-        let fleet = Fleet::attach(&lab, &total);
-        let internet = lab.existing_namespace("inet");
-        match (fleet, internet) {
-            (Ok(fleet), Some(internet)) => Ok(Some(LiveLab {
-                lab,
-                fleet,
-                internet,
-                plan: state.plan,
-                procs: state.procs,
-                active_muxes: state.active_muxes,
-                active_backends: state.active_backends,
-            })),
-            (Err(e), _) => {
-                drop(lab);
-                Err(other(format!(
-                    "the lab in {} is broken ({e}); it was removed",
-                    dir.display()
-                )))
-            }
-            (_, None) => {
-                drop(lab);
-                Err(other(format!(
-                    "the lab in {} is broken (no internet namespace); it was removed",
-                    dir.display()
-                )))
-            }
-        }
+        let fleet = Fleet::attach(&lab, &total).map_err(|e| {
+            other(format!(
+                "the lab in {} is broken ({e}); remove it with `lb lab down`",
+                dir.display()
+            ))
+        })?;
+        let internet = lab.existing_namespace("inet").ok_or_else(|| {
+            other(format!(
+                "the lab in {} is broken (no internet namespace); remove it with `lb lab down`",
+                dir.display()
+            ))
+        })?;
+        Ok(Some(LiveLab {
+            lab,
+            fleet,
+            internet,
+            plan: state.plan,
+            procs: state.procs,
+            active_muxes: state.active_muxes,
+            active_backends: state.active_backends,
+            weights: BTreeMap::new(),
+        }))
     }
 
-    /// Removes the lab recorded in `dir`: stops its processes and deletes its namespaces and
-    /// the directory. Returns whether there was one.
+    /// Whether a build in `dir` was interrupted (its journal is there, its record is not).
+    pub fn interrupted(dir: &Path) -> bool {
+        !dir.join(RECORD).exists() && dir.join(crate::netns::JOURNAL).exists()
+    }
+
+    /// Removes the lab recorded in `dir` (or the part of one an interrupted `up` built, from
+    /// its journal): stops its processes and deletes its namespaces and the directory. Returns
+    /// whether there was one. A record that cannot be read removes nothing.
     pub fn down(dir: &Path) -> io::Result<bool> {
-        match Self::load(dir) {
-            Ok(Some(live)) => {
-                drop(live);
-                let _ = fs::remove_dir_all(dir);
-                Ok(true)
-            }
-            Ok(None) => Ok(false),
-            Err(e) => {
-                let _ = fs::remove_file(dir.join("lab.json"));
-                Err(e)
-            }
-        }
+        let record = match Self::read_state(dir)? {
+            Some(state) => state.record,
+            None => match Lab::journal(dir)? {
+                Some(record) => record,
+                None => return Ok(false),
+            },
+        };
+        drop(Lab::reattach(record)?);
+        let _ = fs::remove_dir_all(dir);
+        Ok(true)
     }
 }

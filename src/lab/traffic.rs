@@ -47,7 +47,7 @@ pub const MAX_CONNECTIONS: usize = 10_000;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long sending a request and reading its whole answer may take.
-pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The request every connection sends every interval.
 pub const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n";
