@@ -380,8 +380,8 @@ fn run(
     loop {
         let stopping = shared.shutdown.load(Ordering::Relaxed);
         // One snapshot per batch, adopted between batches: here, and again when the batch's
-        // first frame arrives (the wait for it may be long, and a change published meanwhile,
-        // such as a drain, must apply to every frame that arrives after it).
+        // first frame is handed over (the wait for it may be long): a change published
+        // meanwhile, such as a drain, applies to every batch handed over after it.
         let mut snapshot = adopt(shared, &mut by_slot, &mut pending_backends);
         let mut now = monotonic_ns();
         let mut first_frame = true;
