@@ -541,18 +541,7 @@ fn run_lab(what: LabCommand, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             }
         }
         LabCommand::Get { to } => {
-            use std::io::Read as _;
-            let mut c =
-                std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(5))?;
-            c.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-            c.write_all(b"GET / HTTP/1.0\r\nHost: lab\r\n\r\n")?;
-            let mut answer = String::new();
-            c.read_to_string(&mut answer)?;
-            let body = answer
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b)
-                .ok_or_else(|| anyhow::anyhow!("not an HTTP answer: {answer:?}"))?;
-            write!(out, "{body}")?;
+            writeln!(out, "{}", lab::traffic::http_get(to, "/")?)?;
         }
         LabCommand::Experiment {
             name,

@@ -10,13 +10,14 @@
 //! only.
 
 use std::fmt::Write as _;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::lab::live::{CHECK_FALL, CHECK_INTERVAL_MS, ECHO_PORT, INTERNET, LiveLab, WEB_PORT};
-use crate::lab::traffic::{TcpLoad, TcpStats, UdpStats, UdpStream};
+use crate::lab::server::WHOAMI_PATH;
+use crate::lab::traffic::{TcpLoad, TcpStats, UdpStats, UdpStream, http_get};
 use crate::topology::Fleet;
 
 /// Every experiment, in the order the demo runs them.
@@ -155,6 +156,11 @@ fn converge(timeout: Duration, mut done: impl FnMut() -> bool) -> Option<Duratio
     None
 }
 
+/// The connections of `stats` that are on backend `name` now.
+fn on_backend(stats: &TcpStats, name: &str) -> usize {
+    stats.per_backend.get(name).copied().unwrap_or(0)
+}
+
 fn outcome(name: &str, action: String, tcp: &TcpStats, udp: &UdpStats) -> Outcome {
     if tcp.broken + tcp.switched > 0 {
         tracing::info!(experiment = name, errors = ?tcp.errors, per_backend = ?tcp.per_backend, "broken connections");
@@ -288,13 +294,7 @@ fn backend_drained(live: &mut LiveLab) -> io::Result<Outcome> {
         .ok_or_else(|| io::Error::other("no backend"))?;
     let name = format!("be{target}");
     let traffic = start_traffic(live, CONNECTIONS)?;
-    let on_target = traffic
-        .tcp
-        .snapshot()
-        .per_backend
-        .get(&name)
-        .copied()
-        .unwrap_or(0);
+    let on_target = on_backend(&traffic.tcp.snapshot(), &name);
     let t = Instant::now();
     live.drain(target)?;
     let took = t.elapsed();
@@ -303,13 +303,8 @@ fn backend_drained(live: &mut LiveLab) -> io::Result<Outcome> {
     let fresh_stats = fresh.tcp.stop();
     let _ = fresh.udp.stop(Duration::ZERO);
     let (tcp, udp) = finish(traffic);
-    for &i in live.active_muxes() {
-        let _ = lb_dataplane::socket::request(
-            &live.dir().join(format!("mux{i}.sock")),
-            &serde_json::json!({"command": "undrain", "backend": Fleet::backend_address(target)}),
-        );
-    }
-    let new_on_target = fresh_stats.per_backend.get(&name).copied().unwrap_or(0);
+    live.undrain(target)?;
+    let new_on_target = on_backend(&fresh_stats, &name);
     let mut o = outcome(
         "backend-drained",
         format!("{name} drained on every mux (weight 0)"),
@@ -336,13 +331,7 @@ fn backend_dies(live: &mut LiveLab) -> io::Result<Outcome> {
         .ok_or_else(|| io::Error::other("no backend"))?;
     let name = format!("be{target}");
     let traffic = start_traffic(live, CONNECTIONS)?;
-    let on_target = traffic
-        .tcp
-        .snapshot()
-        .per_backend
-        .get(&name)
-        .copied()
-        .unwrap_or(0);
+    let on_target = on_backend(&traffic.tcp.snapshot(), &name);
     let t = Instant::now();
     live.signal(&format!("server{target}"), libc::SIGKILL)?;
     let bound = Duration::from_millis(u64::from(CHECK_INTERVAL_MS * CHECK_FALL) + 1000);
@@ -381,7 +370,6 @@ pub const RELOADS: usize = 100;
 fn reloads(live: &mut LiveLab) -> io::Result<Outcome> {
     let traffic = start_traffic(live, CONNECTIONS)?;
     let t = Instant::now();
-    let muxes: Vec<usize> = live.active_muxes().to_vec();
     let changed = *live
         .active_backends()
         .first()
@@ -390,16 +378,7 @@ fn reloads(live: &mut LiveLab) -> io::Result<Outcome> {
     for round in 0..RELOADS {
         // Every reload publishes a different table: one backend's weight alternates 2 and 1.
         live.set_weight(changed, if round % 2 == 0 { 2 } else { 1 })?;
-        for &i in &muxes {
-            let answer = lb_dataplane::socket::request(
-                &live.dir().join(format!("mux{i}.sock")),
-                &serde_json::json!({"command": "reload"}),
-            )?;
-            if answer["ok"] != true {
-                return Err(io::Error::other(format!("reload on mux{i}: {answer}")));
-            }
-            generations += 1;
-        }
+        generations += live.on_every_mux(&serde_json::json!({"command": "reload"}))?;
         thread::sleep(Duration::from_millis(20));
     }
     let took = t.elapsed();
@@ -429,7 +408,11 @@ fn snat_egress(live: &mut LiveLab) -> io::Result<Outcome> {
         .map(|&j| {
             live.fleet.backend(j).enter(move || {
                 let workers: Vec<_> = (0..per_backend)
-                    .map(|_| thread::spawn(move || whoami(target)))
+                    .map(|_| {
+                        thread::spawn(move || {
+                            http_get(target, WHOAMI_PATH).map_err(|e| e.to_string())
+                        })
+                    })
                     .collect();
                 workers
                     .into_iter()
@@ -469,24 +452,6 @@ fn snat_egress(live: &mut LiveLab) -> io::Result<Outcome> {
         notes,
         ..Outcome::default()
     })
-}
-
-/// `GET /whoami` on the internet host: the address it saw us as.
-fn whoami(target: SocketAddr) -> Result<String, String> {
-    let mut c = TcpStream::connect_timeout(&target, Duration::from_secs(5))
-        .map_err(|e| format!("connect: {e}"))?;
-    c.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    c.write_all(b"GET /whoami HTTP/1.1\r\nHost: internet\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("send: {e}"))?;
-    let mut answer = String::new();
-    c.read_to_string(&mut answer)
-        .map_err(|e| format!("read: {e}"))?;
-    let body = answer
-        .split("\r\n\r\n")
-        .nth(1)
-        .ok_or_else(|| format!("no body in {answer:?}"))?;
-    Ok(body.trim().to_owned())
 }
 
 /// The results table (Markdown) of `outcomes`.

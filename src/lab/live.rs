@@ -282,7 +282,7 @@ impl LiveLab {
             "version = 1\n\n[node]\nname = \"mux{i}\"\ninterface = \"m0\"\naddress_v4 = \"{}\"\nmtu = 1600\n\
              control_socket = {:?}\nchain_window_seconds = {}\n",
             Fleet::mux_address(i),
-            dir.join(format!("mux{i}.sock")),
+            self.mux_socket(i),
             if self.plan.chaining { 30 } else { 0 },
         );
         s.push_str(&self.service_sections());
@@ -291,7 +291,7 @@ impl LiveLab {
             "\n[healthcheck]\ncontrol_socket = {:?}\n\
              [healthcheck.agent_check]\ntype = \"http\"\npath = \"/healthz\"\nport = {AGENT_HEALTH_PORT}\n\
              interval_ms = {CHECK_INTERVAL_MS}\ntimeout_ms = 300\nrise = {CHECK_RISE}\nfall = {CHECK_FALL}\n",
-            dir.join(format!("hc{i}.sock"))
+            self.sidecar_socket(i)
         );
         if self.plan.routing == Routing::Bgp {
             let _ = write!(
@@ -426,7 +426,7 @@ impl LiveLab {
         let config = self.write_config(&format!("mux{i}"), &self.mux_config(i))?;
         let config = config.to_string_lossy().into_owned();
         let ns = self.fleet.mux(i).clone();
-        let socket = self.dir().join(format!("mux{i}.sock"));
+        let socket = self.mux_socket(i);
         self.start_lb(
             &format!("mux{i}"),
             &ns,
@@ -435,7 +435,7 @@ impl LiveLab {
         )?;
         let sidecar = self.procs.get(&format!("hc{i}")).map(|p| p.pid);
         if !sidecar.is_some_and(|pid| self.lab.running(pid)) {
-            let socket = self.dir().join(format!("hc{i}.sock"));
+            let socket = self.sidecar_socket(i);
             self.start_lb(
                 &format!("hc{i}"),
                 &ns,
@@ -563,36 +563,50 @@ impl LiveLab {
         Ok(())
     }
 
-    /// Drains backend `j` on every active mux (`lb ctl drain`): no new flows, tracked ones stay.
-    pub fn drain(&self, j: usize) -> io::Result<()> {
+    /// Mux `i`'s control socket.
+    pub fn mux_socket(&self, i: usize) -> PathBuf {
+        self.dir().join(format!("mux{i}.sock"))
+    }
+
+    /// Mux `i`'s sidecar's control socket.
+    pub fn sidecar_socket(&self, i: usize) -> PathBuf {
+        self.dir().join(format!("hc{i}.sock"))
+    }
+
+    /// Sends `command` to every active mux's control socket, in turn; an error names the mux
+    /// that failed or refused. Returns how many muxes answered.
+    pub fn on_every_mux(&self, command: &Value) -> io::Result<usize> {
         for &i in &self.active_muxes {
-            let answer = request(
-                &self.dir().join(format!("mux{i}.sock")),
-                &json!({"command": "drain", "backend": Fleet::backend_address(j)}),
-            )?;
+            let answer = request(&self.mux_socket(i), command)?;
             if answer["ok"] != true {
-                return Err(other(format!("drain on mux{i}: {answer}")));
+                return Err(other(format!("{command} on mux{i}: {answer}")));
             }
         }
-        Ok(())
+        Ok(self.active_muxes.len())
+    }
+
+    /// Drains backend `j` on every active mux (`lb ctl drain`): no new flows, tracked ones stay.
+    pub fn drain(&self, j: usize) -> io::Result<()> {
+        self.on_every_mux(&json!({"command": "drain", "backend": Fleet::backend_address(j)}))
+            .map(drop)
+    }
+
+    /// Undoes [`LiveLab::drain`].
+    pub fn undrain(&self, j: usize) -> io::Result<()> {
+        self.on_every_mux(&json!({"command": "undrain", "backend": Fleet::backend_address(j)}))
+            .map(drop)
     }
 
     /// Mux `i`'s `status` answer (an error object if it does not answer).
     pub fn mux_status(&self, i: usize) -> Value {
-        request(
-            &self.dir().join(format!("mux{i}.sock")),
-            &json!({"command": "status"}),
-        )
-        .unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()}))
+        request(&self.mux_socket(i), &json!({"command": "status"}))
+            .unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()}))
     }
 
     /// Sidecar `i`'s `status` answer.
     pub fn sidecar_status(&self, i: usize) -> Value {
-        request(
-            &self.dir().join(format!("hc{i}.sock")),
-            &json!({"command": "status"}),
-        )
-        .unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()}))
+        request(&self.sidecar_socket(i), &json!({"command": "status"}))
+            .unwrap_or_else(|e| json!({"ok": false, "error": e.to_string()}))
     }
 
     /// Whether every active mux has the same fingerprint for every VIP.

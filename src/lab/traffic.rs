@@ -52,6 +52,25 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The request every connection sends every interval.
 pub const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n";
 
+/// One HTTP/1.0 `GET path` to `target` on a new connection (5 s to connect, 5 s to answer);
+/// returns the body of the answer, trimmed. For one-off requests (`lb lab get`, the SNAT
+/// experiment's `/whoami`); the load generator is [`TcpLoad`].
+pub fn http_get(target: SocketAddr, path: &str) -> io::Result<String> {
+    let timeout = Duration::from_secs(5);
+    let mut c = TcpStream::connect_timeout(&target, timeout)?;
+    c.set_read_timeout(Some(timeout))?;
+    write!(c, "GET {path} HTTP/1.0\r\nHost: lab\r\n\r\n")?;
+    let mut answer = String::new();
+    c.read_to_string(&mut answer)?;
+    let (_, body) = answer.split_once("\r\n\r\n").ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not an HTTP answer: {answer:?}"),
+        )
+    })?;
+    Ok(body.trim().to_owned())
+}
+
 /// Longest answer accepted (head and body); a longer one breaks the connection.
 const MAX_ANSWER: usize = 16 * 1024;
 
