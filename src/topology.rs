@@ -96,6 +96,10 @@ impl Fleet {
     pub const MAX_BACKENDS: usize = 9;
     /// `fib_multipath_hash_seed` of the router: flow → mux mapping is reproducible.
     pub const HASH_SEED: u32 = 12345;
+    /// The "internet" host of [`Fleet::add_internet`] (egress SNAT's destination).
+    pub const INTERNET: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
+    /// The router's address on the internet host's link, the internet host's gateway.
+    pub const INTERNET_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
     /// MTU of the client link (1500, like a real client).
     pub const CLIENT_MTU: u32 = 1500;
     /// MTU of the mux and backend links: room for an encapsulation header on a full packet.
@@ -452,6 +456,32 @@ impl Fleet {
             }
         }
         Ok(())
+    }
+
+    /// Adds an "internet" host to `lab`: namespace `inet`, link `i0` [`INTERNET`](Self::INTERNET)/24
+    /// to the router's `r-i` [`INTERNET_GATEWAY`](Self::INTERNET_GATEWAY) (MTU
+    /// [`INNER_MTU`](Self::INNER_MTU)), default route via the router, and checksum offload off
+    /// (a userspace mux copies the bytes as they are, so they must be complete).
+    pub fn add_internet(&self, lab: &mut Lab) -> io::Result<Namespace> {
+        let internet = lab.namespace("inet")?;
+        lab.veth(
+            VethEnd::new(
+                &self.router,
+                "r-i",
+                &format!("{}/24", Self::INTERNET_GATEWAY),
+            ),
+            VethEnd::new(&internet, "i0", &format!("{}/24", Self::INTERNET)),
+            Self::INNER_MTU,
+        )?;
+        internet.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &Self::INTERNET_GATEWAY.to_string(),
+        ])?;
+        internet.exec_checked("ethtool", &["-K", "i0", "tx", "off"])?;
+        Ok(internet)
     }
 
     /// Every VIP of the fleet: [`VIP`](Self::VIP), and [`VIP6`](Self::VIP6) when dual stack.

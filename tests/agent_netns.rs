@@ -38,8 +38,6 @@ fn vips_toml(backends: usize) -> String {
     s
 }
 
-/// An HTTP/1.0 server on VIP:port in `ns`, answering every request with `body` (repeated to
-/// `size` bytes) after reading the request (headers and any body up to `Content-Length`).
 #[test]
 fn real_tcp_through_two_muxes_with_direct_server_return() {
     require_root("agent_netns::real_tcp_through_two_muxes_with_direct_server_return");

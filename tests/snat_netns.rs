@@ -14,14 +14,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lb::netns::{Lab, Namespace, VethEnd, require_root};
+use lb::netns::{Lab, Namespace, require_root};
 use lb::topology::{Fleet, FleetPlan};
 use lb_core::config::Config;
 use lb_core::snat::PortRanges;
 use lb_dataplane::socket::request;
 use serde_json::{Value, json};
 
-const INTERNET: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 19, 0, 2);
+const INTERNET: std::net::Ipv4Addr = Fleet::INTERNET;
 const TCP_ECHO: u16 = 7000;
 const UDP_ECHO: u16 = 7001;
 const CONNECTIONS: usize = 25;
@@ -112,21 +112,7 @@ fn every_backend_reaches_the_internet_with_the_vip_as_source() {
     )
     .unwrap();
     fleet.add_backend_vips().unwrap();
-    let internet = lab.namespace("inet").unwrap();
-    lab.veth(
-        VethEnd::new(&fleet.router, "r-i", "198.19.0.1/24"),
-        VethEnd::new(&internet, "i0", "198.19.0.2/24"),
-        1600,
-    )
-    .unwrap();
-    internet
-        .ip(&["route", "add", "default", "via", "198.19.0.1"])
-        .unwrap();
-    // Real checksums from the internet host: veth would otherwise leave TCP's for the
-    // (virtual) hardware, and a userspace mux copies the bytes as they are.
-    internet
-        .exec_checked("ethtool", &["-K", "i0", "tx", "off"])
-        .unwrap();
+    let internet = fleet.add_internet(&mut lab).unwrap();
     let muxes = format!(
         "[\"{}/32\", \"{}/32\"]",
         Fleet::mux_address(1),

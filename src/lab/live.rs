@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::bird_lab;
-use crate::netns::{Lab, LabRecord, Namespace, VethEnd};
+use crate::netns::{Lab, LabRecord, Namespace};
 use crate::topology::{Fleet, FleetPlan};
 
 /// The web service's port (TCP, GRE).
@@ -42,10 +42,8 @@ pub const WEB_PORT: u16 = 80;
 pub const ECHO_PORT: u16 = 7;
 /// The port of every agent's `/healthz`.
 pub const AGENT_HEALTH_PORT: u16 = 9479;
-/// The internet host's address.
-pub const INTERNET: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 2);
-/// The router's address on the internet link.
-pub const INTERNET_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+/// The internet host's address ([`Fleet::add_internet`]).
+pub const INTERNET: Ipv4Addr = Fleet::INTERNET;
 /// Health-check timing in the lab: a dead backend leaves within interval × fall + 1 s.
 pub const CHECK_INTERVAL_MS: u32 = 500;
 /// Consecutive failures that take a backend out.
@@ -165,23 +163,7 @@ impl LiveLab {
             },
         )?;
         fleet.add_backend_vips()?;
-        let internet = lab.namespace("inet")?;
-        lab.veth(
-            VethEnd::new(&fleet.router, "r-i", &format!("{INTERNET_GATEWAY}/24")),
-            VethEnd::new(&internet, "i0", &format!("{INTERNET}/24")),
-            1500,
-        )?;
-        internet.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &INTERNET_GATEWAY.to_string(),
-        ])?;
-        // Full checksums from the userspace-less hosts of a veth lab (LAB.md).
-        for (ns, dev) in [(&internet, "i0"), (&fleet.client, "c0")] {
-            ns.exec_checked("ethtool", &["-K", dev, "tx", "off"])?;
-        }
+        let internet = fleet.add_internet(&mut lab)?;
         let mut live = LiveLab {
             lab,
             fleet,
