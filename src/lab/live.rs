@@ -142,6 +142,19 @@ pub struct LiveLab {
     weights: BTreeMap<usize, u32>,
 }
 
+/// Waits until lab process `pid` (called `name` in the error) answers `status` on its control
+/// socket; an error, with its log, if it exits first or takes 20 s.
+pub fn wait_answering(lab: &mut Lab, pid: u32, socket: &Path, name: &str) -> io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while request(socket, &json!({"command": "status"})).is_err() {
+        if Instant::now() > deadline || !lab.running(pid) {
+            return Err(other(format!("{name} did not start:\n{}", lab.log(pid))));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 fn other(message: String) -> io::Error {
     io::Error::other(message)
 }
@@ -319,16 +332,7 @@ impl LiveLab {
                 .env("RUST_LOG", "info"),
         )?;
         if let Some(socket) = &socket {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while request(socket, &json!({"command": "status"})).is_err() {
-                if Instant::now() > deadline || !self.lab.running(pid) {
-                    return Err(other(format!(
-                        "{key} did not start:\n{}",
-                        self.lab.log(pid)
-                    )));
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
+            wait_answering(&mut self.lab, pid, socket, key)?;
         }
         self.procs.insert(key.to_owned(), Proc { pid, socket });
         Ok(())

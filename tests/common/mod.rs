@@ -591,16 +591,7 @@ pub fn start_node(
                 .env("RUST_LOG", "info"),
         )
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while lb_dataplane::socket::request(&socket, &serde_json::json!({"command": "status"})).is_err()
-    {
-        assert!(
-            Instant::now() < deadline && lab.wait(pid, Duration::ZERO).is_none(),
-            "{name} did not start:\n{}",
-            lab.log(pid)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    lb::lab::live::wait_answering(lab, pid, &socket, name).unwrap_or_else(|e| panic!("{e}"));
     Node {
         pid,
         socket,
