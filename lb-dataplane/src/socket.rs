@@ -224,6 +224,11 @@ impl ControlClient {
 
     /// Sends one request and reads its answer. After an error the connection is unusable.
     pub fn ask(&mut self, request: &Value) -> io::Result<Value> {
+        self.ask_line(&request.to_string())
+    }
+
+    /// [`ControlClient::ask`] with the request already serialized: one JSON object, no newline.
+    pub fn ask_line(&mut self, request: &str) -> io::Result<Value> {
         writeln!(self.writer, "{request}")?;
         self.writer.flush()?;
         let mut answer = String::new();

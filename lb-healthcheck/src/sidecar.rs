@@ -844,8 +844,7 @@ fn sync_requests(entries: &[HealthEntry]) -> Vec<String> {
 fn sync(client: &mut ControlClient, entries: &[HealthEntry]) -> io::Result<Vec<(String, IpAddr)>> {
     let mut ignored = Vec::new();
     for request in sync_requests(entries) {
-        let request: Value = serde_json::from_str(&request).map_err(io::Error::other)?;
-        let answer = client.ask(&request)?;
+        let answer = client.ask_line(&request)?;
         if answer["ok"] != true {
             return Err(io::Error::other(format!(
                 "the mux refused the health update: {}",
