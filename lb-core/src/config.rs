@@ -123,6 +123,11 @@ pub struct NodeConfig {
     /// backend changed carry the previous backend in the GRE key; 0 turns it off.
     #[serde(default = "default_chain_window")]
     pub chain_window_seconds: u32,
+    /// The most memory this node's tables and connection tables may need, in MiB (see
+    /// [`crate::budget`]): a config over it is refused. Default: half of the host's memory or
+    /// of the process's cgroup limit, whichever is smaller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_budget_mb: Option<u64>,
 }
 
 impl NodeConfig {
@@ -133,6 +138,17 @@ impl NodeConfig {
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("/run/lb/{}.sock", self.name)))
     }
+}
+
+/// Which `lb` process a config is for (`lb check-config --role`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `lb mux`.
+    Mux,
+    /// `lb agent`.
+    Agent,
+    /// `lb healthcheck`.
+    Healthcheck,
 }
 
 /// What happens to packets that match no VIP.
@@ -388,31 +404,48 @@ impl fmt::Display for ConfigError {
 }
 
 impl Config {
-    /// Reads, parses and validates a config file.
+    /// Reads, parses and validates a config file (see [`read_config_file`] for what is read).
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let text = read_config_text(path).map_err(|reason| ConfigError {
             file: path.to_owned(),
             problems: vec![Problem {
                 field: String::new(),
-                reason: format!("cannot read the file: {e}"),
+                reason,
             }],
         })?;
         Self::from_toml(&text, path)
     }
 
     /// Parses and validates config text; `origin` names it in errors.
+    ///
+    /// Every problem of the text is reported, not only the first: each unknown field and each
+    /// value of the wrong type or out of its type's range is named with its line and column
+    /// (the parser is run again without the offending key, up to [`MAX_PROBLEMS`] times), and
+    /// then every rule of [`Config::validate`]. A syntax error stops the reading at once: what
+    /// follows it cannot be read reliably.
     pub fn from_toml(text: &str, origin: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let origin = origin.as_ref();
         let fail = |problems| ConfigError {
             file: origin.to_owned(),
             problems,
         };
-        let deserializer = toml::de::Deserializer::parse(text)
-            .map_err(|e| fail(vec![parse_problem(text, "", &e)]))?;
-        let config: Self = serde_path_to_error::deserialize(deserializer)
-            .map_err(|e| fail(vec![parse_problem(text, &e.path().to_string(), e.inner())]))?;
-        let problems = config.validate();
+        let (config, mut problems, elements_removed) = deserialize_reporting_all(text);
+        let Some(config) = config else {
+            return Err(fail(problems));
+        };
+        // A config read around bad keys is validated too (its rules report what else is
+        // wrong). Where array elements were taken out, only the rules of the sections that
+        // stand alone: the others would name shifted indices, or miss what was taken out.
+        if elements_removed {
+            let mut fail = |field: String, reason: String| problems.push(Problem { field, reason });
+            config.node.validate(&mut fail);
+            if let Some(agent) = &config.agent {
+                agent.validate(&mut fail);
+            }
+        } else {
+            problems.extend(config.validate());
+        }
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -437,10 +470,28 @@ impl Config {
         self.node.validate(&mut fail);
         if let Some(agent) = &self.agent {
             agent.validate(&mut fail);
+            self.validate_agent_host(agent, &mut fail);
         }
         self.validate_snat(&mut fail);
         if let Some(healthcheck) = &self.healthcheck {
             healthcheck.validate_into(&self.vips, &mut fail);
+            for (i, mux) in healthcheck.muxes.iter().enumerate() {
+                if let Some(why) = socket_path_problem(mux) {
+                    fail(
+                        format!("healthcheck.muxes[{i}]"),
+                        format!("the mux's control socket {why}"),
+                    );
+                }
+            }
+            let own = healthcheck.control_socket_path(&self.node.name);
+            if let Some(why) = socket_path_problem(&own) {
+                let field = if healthcheck.control_socket.is_some() {
+                    "healthcheck.control_socket"
+                } else {
+                    "node.name"
+                };
+                fail(field.into(), format!("the sidecar's control socket {why}"));
+            }
         }
         let mut names: BTreeMap<&str, usize> = BTreeMap::new();
         for (i, vip) in self.vips.iter().enumerate() {
@@ -473,7 +524,87 @@ impl Config {
             }
             vip.validate(&at, &self.node, &mut fail);
         }
+        self.validate_memory(&mut fail);
         problems
+    }
+
+    /// The memory the config needs on a mux ([`crate::budget::estimate`]) must fit the budget.
+    fn validate_memory(&self, fail: &mut impl FnMut(String, String)) {
+        use crate::budget::{MIB, mib};
+        let (budget, field, whence) = match self.node.memory_budget_mb {
+            Some(mb) => (
+                Some(mb.saturating_mul(MIB)),
+                "node.memory_budget_mb",
+                "node.memory_budget_mb",
+            ),
+            None => (
+                crate::budget::default_budget_bytes(),
+                "node",
+                "the default budget, half of this host's memory; set node.memory_budget_mb to change it",
+            ),
+        };
+        let Some(budget) = budget else { return };
+        let need = crate::budget::estimate(self);
+        if need.total_bytes() > budget {
+            fail(
+                field.into(),
+                format!(
+                    "this config needs about {} ({} of tables per snapshot x {} snapshots during a reload, {} of connection tables for {} workers), more than the {} budget ({whence}); use smaller table_size or conntrack_capacity, or fewer VIPs",
+                    mib(need.total_bytes()),
+                    mib(need.snapshot_bytes),
+                    need.generations,
+                    mib(need.conntrack_bytes),
+                    need.workers,
+                    mib(budget),
+                ),
+            );
+        }
+    }
+
+    /// What `lb agent` needs of the rest of the file: this host (`node.address_v4/v6`) is a
+    /// backend of some VIP (else it would receive nothing), every backend has its own chaining
+    /// tag, and `agent.egress` has a `[[snat]]` address this host is a backend of.
+    fn validate_agent_host(&self, agent: &AgentConfig, fail: &mut impl FnMut(String, String)) {
+        let addresses: Vec<IpAddr> = [self.node.address_v4, self.node.address_v6]
+            .into_iter()
+            .flatten()
+            .collect();
+        let backends: std::collections::BTreeSet<IpAddr> = self
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(|b| b.address))
+            .collect();
+        if !addresses.is_empty() && !addresses.iter().any(|a| backends.contains(a)) {
+            let shown: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+            fail(
+                "node".into(),
+                format!(
+                    "this host ({}) is a backend of no VIP: its agent would receive nothing (node.address_v4/address_v6 name the host's own address)",
+                    shown.join(", ")
+                ),
+            );
+        }
+        let mut tags = BTreeMap::new();
+        for &b in &backends {
+            if let Some(other) = tags.insert(crate::snapshot::backend_tag(b), b) {
+                fail(
+                    "vip".into(),
+                    format!(
+                        "backends {other} and {b} have the same 32-bit tag: daisy chaining could not tell them apart; change one address"
+                    ),
+                );
+            }
+        }
+        let snat_here = self.snats.iter().any(|snat| {
+            let sharing = self.snat_backends(snat.address);
+            addresses.iter().any(|a| sharing.contains(a))
+        });
+        if !agent.egress.is_empty() && !snat_here {
+            fail(
+                "agent.egress".into(),
+                "egress SNAT needs a [[snat]] address that this host is a backend of: add one, or remove agent.egress".into(),
+            );
+        }
     }
 
     /// SNAT sections: each valid, one per address, the address a VIP's, and no service port of
@@ -572,6 +703,48 @@ impl Config {
         warnings
     }
 
+    /// What a process of `role` needs beyond [`Config::validate`] (the sections and settings
+    /// it runs on); empty when it can run. `lb check-config --role` and each process at start
+    /// use this one rule.
+    #[must_use]
+    pub fn role_problems(&self, role: Role) -> Vec<Problem> {
+        let problem = |field: &str, reason: &str| Problem {
+            field: field.into(),
+            reason: reason.into(),
+        };
+        let mut problems = Vec::new();
+        match role {
+            Role::Mux => {
+                if self.node.interface.is_none() {
+                    problems.push(problem(
+                        "node.interface",
+                        "lb mux needs the interface that receives VIP traffic",
+                    ));
+                }
+            }
+            Role::Agent => {
+                if self.node.interface.is_none() {
+                    problems.push(problem(
+                        "node.interface",
+                        "lb agent needs the interface encapsulated packets arrive on",
+                    ));
+                }
+                if self.agent.is_none() {
+                    problems.push(problem("agent", "lb agent needs an [agent] section"));
+                }
+            }
+            Role::Healthcheck => {
+                if self.healthcheck.is_none() {
+                    problems.push(problem(
+                        "healthcheck",
+                        "lb healthcheck needs a [healthcheck] section (an empty one publishes to this node's mux)",
+                    ));
+                }
+            }
+        }
+        problems
+    }
+
     /// The VIP with this name.
     #[must_use]
     pub fn vip(&self, name: &str) -> Option<&VipConfig> {
@@ -655,33 +828,67 @@ impl NodeConfig {
                 ),
             );
         }
-        if let Some(path) = &self.control_socket
-            && path.as_os_str().is_empty()
+        if let Some(name) = &self.interface
+            && let Some(why) = interface_name_problem(name)
         {
-            fail(
-                "node.control_socket".into(),
-                "the control socket path is empty".into(),
-            );
+            fail("node.interface".into(), why);
         }
+        if let Some(why) = socket_path_problem(&self.control_socket_path()) {
+            let field = if self.control_socket.is_some() {
+                "node.control_socket"
+            } else {
+                "node.name"
+            };
+            fail(field.into(), format!("the control socket {why}"));
+        }
+    }
+}
+
+/// Why `name` cannot name a network interface (Linux's rules: 1 to 15 bytes, not `.` or `..`,
+/// no `/`, `:` or white space), or None.
+#[must_use]
+pub fn interface_name_problem(name: &str) -> Option<String> {
+    let bad = name.is_empty()
+        || name.len() > 15
+        || name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+    bad.then(|| {
+        format!(
+            "{name:?} is not a usable interface name (1 to 15 bytes, not \".\" or \"..\", no '/', ':' or white space)"
+        )
+    })
+}
+
+/// The longest path a Unix socket can be bound at: `sun_path` holds 108 bytes with the NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Why a control socket cannot be bound at `path`, or None.
+#[must_use]
+pub fn socket_path_problem(path: &Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() {
+        Some("path is empty".into())
+    } else if bytes.len() > MAX_SOCKET_PATH {
+        Some(format!(
+            "path {} is {} bytes; a Unix socket path has at most {MAX_SOCKET_PATH}",
+            path.display(),
+            bytes.len()
+        ))
+    } else if bytes.contains(&0) {
+        Some("path contains a NUL byte".into())
+    } else {
+        None
     }
 }
 
 impl AgentConfig {
     fn validate(&self, fail: &mut impl FnMut(String, String)) {
-        if self.tun.is_empty()
-            || self.tun.len() > 15
-            || !self
-                .tun
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            fail(
-                "agent.tun".into(),
-                format!(
-                    "{:?} is not a usable interface name (1 to 15 letters, digits, '-', '_', '.')",
-                    self.tun
-                ),
-            );
+        if let Some(why) = interface_name_problem(&self.tun) {
+            fail("agent.tun".into(), why);
         }
         if self.muxes.is_empty() {
             fail(
@@ -701,6 +908,19 @@ impl AgentConfig {
 }
 
 impl VipConfig {
+    /// The port the service check probes on each backend's own address: `check.port`, or the
+    /// VIP's port. None without a check (or, invalid, an all-ports VIP without `check.port`).
+    /// The probe goes to the backend's address, not to the VIP: a server that listens on the
+    /// VIP address only fails it.
+    #[must_use]
+    pub fn check_port(&self) -> Option<u16> {
+        let check = self.check.as_ref()?;
+        check.port.or(match self.port {
+            PortSpec::Port(p) => Some(p),
+            PortSpec::All => None,
+        })
+    }
+
     fn validate(&self, at: &str, node: &NodeConfig, fail: &mut impl FnMut(String, String)) {
         if self.name.is_empty()
             || self.name.len() > MAX_VIP_NAME
@@ -849,6 +1069,236 @@ fn unusable_unicast(a: IpAddr) -> Option<&'static str> {
     }
 }
 
+/// The largest config file read, in bytes (16 MiB: about 200 000 backends). A larger file, or
+/// one that grows past it while being read, is refused.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// At most this many problems are reported for one config text.
+pub const MAX_PROBLEMS: usize = 100;
+
+/// Reads a config file the way every `lb` process does, so that no path can wedge or exhaust
+/// it: the path (after symbolic links) must be a regular file — a FIFO, a device such as
+/// `/dev/zero`, a socket or a directory is refused before it is read — opened without blocking,
+/// and at most [`MAX_CONFIG_BYTES`] long. The error says which rule failed, in words.
+pub fn read_config_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let kind_of = |meta: &std::fs::Metadata| -> Option<&'static str> {
+        use std::os::unix::fs::FileTypeExt as _;
+        let t = meta.file_type();
+        if t.is_file() {
+            None
+        } else if t.is_dir() {
+            Some("a directory")
+        } else if t.is_fifo() {
+            Some("a FIFO")
+        } else if t.is_char_device() || t.is_block_device() {
+            Some("a device")
+        } else if t.is_socket() {
+            Some("a socket")
+        } else {
+            Some("not a regular file")
+        }
+    };
+    let refuse = |what: &str| format!("cannot read the file: it is {what}, not a regular file");
+    let too_big = |size: u64| {
+        format!(
+            "cannot read the file: {size} bytes is more than the {MAX_CONFIG_BYTES} a config may have"
+        )
+    };
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read the file: {e}"))?;
+    if let Some(what) = kind_of(&meta) {
+        return Err(refuse(what));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(too_big(meta.len()));
+    }
+    // O_NONBLOCK: if the path was swapped for a FIFO since the check, open does not wait for a
+    // writer; the check below then refuses it.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    if let Some(what) = kind_of(&meta) {
+        return Err(refuse(what));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_big(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// [`read_config_file`], as UTF-8 text.
+fn read_config_text(path: &Path) -> Result<String, String> {
+    String::from_utf8(read_config_file(path)?).map_err(|e| {
+        format!(
+            "the file is not UTF-8 text (byte {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+/// One step of a field path: a key, or an index into an array.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+/// Renders steps as a field path (`vip[0].backend[1].weight`), as `serde_path_to_error` does.
+fn path_text(steps: &[Step]) -> String {
+    let mut s = String::new();
+    for step in steps {
+        match step {
+            Step::Key(k) => {
+                if !s.is_empty() {
+                    s.push('.');
+                }
+                s.push_str(k);
+            }
+            Step::Index(i) => {
+                use fmt::Write as _;
+                let _ = write!(s, "[{i}]");
+            }
+        }
+    }
+    s
+}
+
+type Spanned<'i> = toml::Spanned<toml::de::DeValue<'i>>;
+
+/// The value at `steps` in `root`, to change it.
+fn value_at<'a, 'i>(root: &'a mut Spanned<'i>, steps: &[Step]) -> Option<&'a mut Spanned<'i>> {
+    let mut at = root;
+    for step in steps {
+        at = match (at.get_mut(), step) {
+            (toml::de::DeValue::Table(t), Step::Key(k)) => t.get_mut(k.as_str())?,
+            (toml::de::DeValue::Array(a), Step::Index(i)) => a.get_mut(*i)?,
+            _ => return None,
+        };
+    }
+    Some(at)
+}
+
+/// Deserializes `text` into a [`Config`], reporting every unknown field and every value of the
+/// wrong type, not only the first: after each error the offending key is taken out and the
+/// rest read again. A required field that is missing (or was taken out) cannot be read around,
+/// so its whole array element (a `[[vip]]`, a `[[vip.backend]]`) is taken out instead; field
+/// paths keep naming the file's own indices. Returns the config as read (around the bad keys,
+/// None if it could not be read at all), the problems in the file's order, and whether array
+/// elements were taken out.
+fn deserialize_reporting_all(text: &str) -> (Option<Config>, Vec<Problem>, bool) {
+    let root = match toml::de::DeTable::parse(text) {
+        Ok(root) => root,
+        Err(e) => return (None, vec![parse_problem(text, "", &e)], false),
+    };
+    let span = root.span();
+    let mut work: Spanned<'_> =
+        toml::Spanned::new(span, toml::de::DeValue::Table(root.into_inner()));
+    let mut problems = Vec::new();
+    // Keys taken out, by the file's path: a "missing field" they cause is no news.
+    let mut removed: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    // Per array (by the file's path), the file's index of each element still in `work`.
+    let mut kept: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut elements_removed = false;
+    for _ in 0..MAX_PROBLEMS {
+        let de = toml::de::ValueDeserializer::from(work.clone());
+        let error = match serde_path_to_error::deserialize::<_, Config>(de) {
+            Ok(config) => {
+                problems.sort_by_key(|(at, _)| *at);
+                let problems = problems.into_iter().map(|(_, p)| p).collect();
+                return (Some(config), problems, elements_removed);
+            }
+            Err(e) => e,
+        };
+        // The path in `work` and the same path in the file.
+        let mut here = Vec::new();
+        let mut file_path = Vec::new();
+        for segment in error.path() {
+            match segment {
+                serde_path_to_error::Segment::Map { key } => {
+                    here.push(Step::Key(key.clone()));
+                    file_path.push(Step::Key(key.clone()));
+                }
+                serde_path_to_error::Segment::Seq { index } => {
+                    let original = kept
+                        .get(&path_text(&file_path))
+                        .and_then(|k| k.get(*index).copied())
+                        .unwrap_or(*index);
+                    here.push(Step::Index(*index));
+                    file_path.push(Step::Index(original));
+                }
+                serde_path_to_error::Segment::Enum { .. }
+                | serde_path_to_error::Segment::Unknown => {}
+            }
+        }
+        let message = error.inner().message();
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.split('`').next())
+            .map(|field| {
+                let mut p = file_path.clone();
+                p.push(Step::Key(field.to_owned()));
+                path_text(&p)
+            });
+        if !missing.as_ref().is_some_and(|m| removed.contains(m)) {
+            let at = error.inner().span().map_or(usize::MAX, |s| s.start);
+            problems.push((
+                at,
+                parse_problem(text, &path_text(&file_path), error.inner()),
+            ));
+        }
+        // Take out the key, or else the innermost array element on the path.
+        if missing.is_none()
+            && let Some((Step::Key(key), parent)) = here.split_last()
+            && let Some(toml::de::DeValue::Table(table)) =
+                value_at(&mut work, parent).map(toml::Spanned::get_mut)
+            && table.remove(key.as_str()).is_some()
+        {
+            removed.insert(path_text(&file_path));
+            continue;
+        }
+        let Some(cut) = here.iter().rposition(|s| matches!(s, Step::Index(_))) else {
+            break;
+        };
+        let Step::Index(index) = here[cut] else { break };
+        let array_path = path_text(&file_path[..cut]);
+        let Some(toml::de::DeValue::Array(array)) =
+            value_at(&mut work, &here[..cut]).map(toml::Spanned::get_mut)
+        else {
+            break;
+        };
+        let len = array.len();
+        let mut rebuilt = toml::de::DeArray::new();
+        for (i, item) in array.iter().enumerate() {
+            if i != index {
+                rebuilt.push(item.clone());
+            }
+        }
+        *array = rebuilt;
+        let indices = kept.entry(array_path).or_insert_with(|| (0..len).collect());
+        if index < indices.len() {
+            indices.remove(index);
+        }
+        elements_removed = true;
+    }
+    // In the file's order.
+    problems.sort_by_key(|(at, _)| *at);
+    (
+        None,
+        problems.into_iter().map(|(_, p)| p).collect(),
+        elements_removed,
+    )
+}
+
 /// Turns a parse error into a [`Problem`] with the field path and the line and column.
 fn parse_problem(text: &str, path: &str, inner: &toml::de::Error) -> Problem {
     let field = if path == "." {
@@ -925,7 +1375,8 @@ mod tests {
     #[test]
     fn agent_and_snat_sections_validate_with_field_paths() {
         let agent = format!(
-            "{GOOD}\n[agent]\nmuxes = [\"198.18.11.0/24\"]\n[[snat]]\naddress = \"198.18.100.1\"\n"
+            "{}\n[agent]\nmuxes = [\"198.18.11.0/24\"]\n[[snat]]\naddress = \"198.18.100.1\"\n",
+            GOOD.replace("198.18.11.2", "198.18.21.2")
         );
         let c = Config::from_toml(&agent, "t").unwrap();
         let a = c.agent.as_ref().unwrap();
@@ -949,6 +1400,113 @@ mod tests {
                 ),
         );
         assert_eq!(p.field, "snat[0].address", "{p:?}");
+    }
+
+    #[test]
+    fn what_the_agent_refuses_check_config_refuses() {
+        let agent_host = GOOD.replace("198.18.11.2", "198.18.21.2");
+        let agent = format!("{agent_host}\n[agent]\nmuxes = [\"198.18.11.0/24\"]\n");
+        assert!(Config::from_toml(&agent, "t").is_ok());
+        // Not a backend: the agent would receive nothing.
+        let p = only_problem(&agent.replace(
+            "address_v4 = \"198.18.21.2\"",
+            "address_v4 = \"198.18.21.9\"",
+        ));
+        assert_eq!(p.field, "node");
+        assert!(p.reason.contains("backend of no VIP"), "{p}");
+        // Egress SNAT without a [[snat]] address this host shares.
+        let p =
+            only_problem(&agent.replace("[agent]\n", "[agent]\negress = [\"198.18.200.0/24\"]\n"));
+        assert_eq!(p.field, "agent.egress");
+        let with_snat = format!(
+            "{}[[snat]]\naddress = \"198.18.100.1\"\n",
+            agent.replace("[agent]\n", "[agent]\negress = [\"198.18.200.0/24\"]\n")
+        );
+        assert!(Config::from_toml(&with_snat, "t").is_ok());
+    }
+
+    #[test]
+    fn interface_and_socket_names_the_nodes_refuse_are_refused() {
+        for bad in ["", "a-very-long-interface", "../eth0", "eth 0", ".", "a:b"] {
+            let text = GOOD.replace("[node]\n", &format!("[node]\ninterface = {bad:?}\n"));
+            let p = only_problem(&text);
+            assert_eq!(p.field, "node.interface", "{bad:?}: {p}");
+        }
+        let ok = GOOD.replace("[node]\n", "[node]\ninterface = \"veth-mux1.100\"\n");
+        assert!(Config::from_toml(&ok, "t").is_ok());
+        let tun = format!(
+            "{}\n[agent]\nmuxes = [\"198.18.11.0/24\"]\ntun = \"a/b\"\n",
+            GOOD.replace("198.18.11.2", "198.18.21.2")
+        );
+        assert_eq!(only_problem(&tun).field, "agent.tun");
+        // A node name that makes /run/lb/<name>.sock longer than a socket path can be.
+        let long = "n".repeat(100);
+        let p = only_problem(&GOOD.replace("name = \"mux1\"", &format!("name = \"{long}\"")));
+        assert_eq!(p.field, "node.name");
+        assert!(p.reason.contains("at most 107"), "{p}");
+        let p = only_problem(&GOOD.replace(
+            "[node]\n",
+            &format!("[node]\ncontrol_socket = \"/run/{long}/x.sock\"\n"),
+        ));
+        assert_eq!(p.field, "node.control_socket");
+        // The sidecar's mux list.
+        let p = only_problem(&format!("{GOOD}\n[healthcheck]\nmuxes = [\"\"]\n"));
+        assert_eq!(p.field, "healthcheck.muxes[0]");
+        assert!(p.reason.contains("empty"), "{p}");
+    }
+
+    #[test]
+    fn every_type_and_unknown_field_error_is_reported_with_its_place() {
+        let bad = GOOD
+            .replace("weight = 2", "wieght = 2")
+            .replace("protocol = \"tcp\"", "protocol = \"sctp\"")
+            .replace("name = \"mux1\"", "name = \"mux1\"\nbogus = 1");
+        let found = problems(&bad);
+        let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["node.bogus", "vip[0].protocol", "vip[0].backend[1].wieght"],
+            "{found:?}"
+        );
+        assert!(
+            found.iter().all(|p| p.reason.contains("line ")),
+            "{found:?}"
+        );
+        // An unknown field and a rule broken elsewhere: both.
+        let mixed = GOOD
+            .replace("weight = 2", "wieght = 2")
+            .replace("port = 80", "port = 80\ntable_size = 100");
+        let fields: Vec<String> = problems(&mixed).into_iter().map(|p| p.field).collect();
+        assert_eq!(fields, ["vip[0].backend[1].wieght", "vip[0].table_size"]);
+        // A bad required field takes its element out: later elements keep their own indices.
+        let two = format!(
+            "{}\n[[vip]]\nname = \"b\"\naddress = \"198.18.100.2\"\nprotocol = \"udp\"\nport = \"x\"\n[[vip.backend]]\naddress = \"198.18.21.2\"\nbad = true\n",
+            GOOD.replace("198.18.100.1", "198.18.100")
+        );
+        let found = problems(&two);
+        let fields: Vec<&str> = found.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["vip[0].address", "vip[1].port", "vip[1].backend[0].bad"],
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn a_config_over_the_memory_budget_is_refused_with_the_figures() {
+        let big = GOOD
+            .replace(
+                "encap = \"ipip\"",
+                "encap = \"ipip\"\ntable_size = 16777213",
+            )
+            .replace("[node]\n", "[node]\nmemory_budget_mb = 64\n");
+        let p = only_problem(&big);
+        assert_eq!(p.field, "node.memory_budget_mb");
+        assert!(p.reason.contains("needs about"), "{p}");
+        let roomy = big.replace("memory_budget_mb = 64", "memory_budget_mb = 4096");
+        let c = Config::from_toml(&roomy, "t").unwrap();
+        let need = crate::budget::estimate(&c);
+        assert!(need.total_bytes() > 2 * 16_777_213 * 2, "{need:?}");
     }
 
     #[test]

@@ -222,6 +222,14 @@ pub struct ConnTable {
 }
 
 impl ConnTable {
+    /// The bytes a table of `capacity` slots allocates (after the rounding [`ConnTable::new`]
+    /// does), for the config's memory estimate.
+    #[must_use]
+    pub fn memory_bytes(capacity: usize) -> u64 {
+        let slots = capacity.clamp(WAYS, MAX_CAPACITY).next_power_of_two();
+        (slots * (size_of::<u16>() + size_of::<Option<Entry>>())) as u64
+    }
+
     /// A table of `config.capacity` slots rounded up to a power of two (see
     /// [`ConnTableConfig::capacity`]). This is the only allocation the table ever makes.
     #[must_use]

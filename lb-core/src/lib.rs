@@ -18,6 +18,7 @@
 //! The I/O that drives them lives in `lb-dataplane`.
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod check;
 pub mod config;
 pub mod conntrack;

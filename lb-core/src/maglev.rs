@@ -124,6 +124,12 @@ pub enum TableError {
         /// The number of backends.
         backends: usize,
     },
+    /// The memory for the table could not be allocated.
+    #[error("cannot allocate {bytes} bytes for the table: out of memory")]
+    OutOfMemory {
+        /// The allocation that failed.
+        bytes: usize,
+    },
     /// More backends than a slot index can name.
     #[error("{backends} backends exceed the limit of {MAX_BACKENDS}")]
     TooManyBackends {
@@ -220,6 +226,22 @@ pub struct MaglevTable {
 }
 
 impl MaglevTable {
+    /// A copy of the table, or [`TableError::OutOfMemory`] where `clone` would abort.
+    pub fn try_clone(&self) -> Result<Self, TableError> {
+        let mut slots = Vec::new();
+        slots
+            .try_reserve_exact(self.slots.len())
+            .map_err(|_| TableError::OutOfMemory {
+                bytes: self.slots.len() * 2,
+            })?;
+        slots.extend_from_slice(&self.slots);
+        Ok(Self {
+            size: self.size,
+            backends: self.backends.clone(),
+            slots,
+        })
+    }
+
     /// Builds a table (allocating; see [`MaglevBuilder`] to reuse buffers).
     pub fn build(size: u32, backends: &[WeightedBackend]) -> Result<Self, TableError> {
         let mut table = Self::default();
@@ -531,14 +553,26 @@ impl MaglevBuilder {
         if self.cursors.is_empty() {
             return Ok(());
         }
+        // Allocation failure is an error, never an abort: a reload that does not fit in memory
+        // is refused and the old snapshot keeps serving.
+        let out_of_memory = |bytes: usize| TableError::OutOfMemory { bytes };
+        let slots_more = (m as usize).saturating_sub(table.slots.len());
+        table
+            .slots
+            .try_reserve_exact(slots_more)
+            .map_err(|_| out_of_memory(m as usize * 2))?;
         table.slots.resize(m as usize, 0);
         // Zero the words M needs; below 2^20 slots keep the fixed capacity (see `Bitmap`).
         let words = (m as usize).div_ceil(64);
-        if (m as usize) < FIXED_BITS {
-            self.filled.resize(FIXED_BITS / 64, 0);
+        let filled_words = if (m as usize) < FIXED_BITS {
+            FIXED_BITS / 64
         } else {
-            self.filled.resize(words, 0);
-        }
+            words
+        };
+        self.filled
+            .try_reserve_exact(filled_words.saturating_sub(self.filled.len()))
+            .map_err(|_| out_of_memory(filled_words * 8))?;
+        self.filled.resize(filled_words, 0);
         self.filled[..words].fill(0);
 
         // The standard sizes get their own compiled loop: with M a constant, the wrap-around

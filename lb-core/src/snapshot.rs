@@ -391,7 +391,11 @@ impl Snapshot {
     /// A VIP whose table did not change keeps the previous table `old` kept for it, with its
     /// own deadline: a reload of something else does not cut an open window short. Call before
     /// publishing; a snapshot is immutable once published.
-    pub fn chain_from(&mut self, old: &Snapshot, until: u64) {
+    ///
+    /// Returns false when a previous table could not be kept for lack of memory (that VIP then
+    /// does not chain in this window); the copy never aborts the process.
+    pub fn chain_from(&mut self, old: &Snapshot, until: u64) -> bool {
+        let mut complete = true;
         let tables = self
             .vips
             .iter()
@@ -404,19 +408,26 @@ impl Snapshot {
                     .iter()
                     .enumerate()
                     .find(|(_, o)| o.name == v.name)?;
-                if o.fingerprint != v.fingerprint {
-                    return Some((o.table.clone(), until));
+                let kept = if o.fingerprint == v.fingerprint {
+                    let (table, until) = old.previous.as_ref()?.tables.get(index)?.as_ref()?;
+                    (table, *until)
+                } else {
+                    (&o.table, until)
+                };
+                match kept.0.try_clone() {
+                    Ok(table) => Some((table, kept.1)),
+                    Err(_) => {
+                        complete = false;
+                        None
+                    }
                 }
-                old.previous
-                    .as_ref()
-                    .and_then(|p| p.tables.get(index))
-                    .and_then(Clone::clone)
             })
             .collect::<Vec<_>>();
         self.previous = tables
             .iter()
             .any(Option::is_some)
             .then_some(Previous { tables });
+        complete
     }
 
     /// The tag of the backend the previous generation's table gives `flow_hash` of VIP
