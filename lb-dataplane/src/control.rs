@@ -8,6 +8,13 @@
 //! **Invariants.**
 //! - A change that fails (bad file, unknown backend, table error) publishes nothing: the old
 //!   snapshot keeps serving, and the error names the file, field or backend.
+//! - Changes are serialized by one lock, held while a snapshot compiles; `status`, `workers`
+//!   and metrics never take it: they read the [`View`] published after each change, so they
+//!   answer while a large config compiles.
+//! - A change seen by the file watcher is applied only once the file is complete
+//!   ([`crate::watch`]); one that would remove most VIPs, or leave a VIP that had backends with
+//!   none, is held (logged, shown in status) until an explicit `reload` (control socket or
+//!   SIGHUP). Every VIP and backend a reload removes is logged at WARN.
 //! - The generation grows by one with each published snapshot; `lb status` and metrics show it
 //!   with each VIP's table fingerprint.
 //! - An unhealthy backend is removed from its VIP's table, so tracked flows to it are no longer
@@ -20,9 +27,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
+
 use lb_core::config::Config;
 use lb_core::forward::DropReason;
-use lb_core::hash::xxh3;
 use lb_core::maglev::fingerprint_hex;
 use lb_core::snapshot::Snapshot;
 use serde::{Deserialize, Serialize};
@@ -78,6 +86,34 @@ pub enum Request {
     Reload,
 }
 
+/// Parses one request line strictly: a JSON object naming a known command, with only that
+/// command's fields (serde's `deny_unknown_fields` is not enforced for the fields of an
+/// internally tagged enum's variants, so the keys are checked against the request as read).
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))?;
+    let Value::Object(given) = &value else {
+        return Err(
+            "bad request: a request is a JSON object, such as {\"command\":\"status\"}".into(),
+        );
+    };
+    let request: Request =
+        serde_json::from_value(value.clone()).map_err(|e| format!("bad request: {e}"))?;
+    let known = serde_json::to_value(&request).map_err(|e| format!("bad request: {e}"))?;
+    let unknown: Vec<&str> = given
+        .keys()
+        .filter(|k| known.get(k.as_str()).is_none())
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        return Err(format!(
+            "bad request: unknown field(s) {} for command {}",
+            unknown.join(", "),
+            known["command"]
+        ));
+    }
+    Ok(request)
+}
+
 /// One (VIP, backend) pair's health in a [`Request::SyncHealth`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +131,9 @@ pub struct HealthEntry {
 struct Overrides {
     unhealthy: BTreeSet<(String, IpAddr)>,
     drained: BTreeSet<(String, IpAddr)>,
+    /// Pairs whose health was reported (sidecar or operator) at least once: the others count
+    /// as healthy because nothing said otherwise yet.
+    reported: BTreeSet<(String, IpAddr)>,
 }
 
 impl Overrides {
@@ -126,16 +165,47 @@ impl Overrides {
         };
         self.unhealthy.retain(exists);
         self.drained.retain(exists);
+        self.reported.retain(exists);
     }
 }
 
+/// What only a change touches; held (with its lock) while a snapshot compiles.
 struct Inner {
-    base: Config,
-    overrides: Overrides,
+    /// The digest of the file contents last read (applied, rejected or held).
     file_digest: Option<u64>,
+}
+
+/// A reload from the file watcher that was not applied, because it would remove too much.
+#[derive(Clone, Debug, Serialize)]
+pub struct Held {
+    /// Why.
+    pub reason: String,
+    /// The digest of the held contents.
+    #[serde(skip)]
+    pub digest: u64,
+}
+
+/// What [`ControlPlane::reload_watched`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchedReload {
+    /// Published this generation.
+    Applied(u64),
+    /// Rejected (logged, counted); the old config keeps serving.
+    Rejected(String),
+    /// Held, for this reason, until an explicit reload.
+    Held(String),
+}
+
+/// The state `status` and metrics read, published whole after each change (never locked by a
+/// change in progress).
+#[derive(Clone, Debug)]
+struct View {
+    base: Arc<Config>,
+    overrides: Overrides,
     reloads_ok: u64,
     reloads_failed: u64,
     last_error: Option<String>,
+    held: Option<Held>,
 }
 
 /// The control plane of one mux. Cheap to share (`Arc`); every method may be called from any
@@ -143,7 +213,9 @@ struct Inner {
 pub struct ControlPlane {
     config_path: PathBuf,
     shared: Arc<Shared>,
+    /// Serializes changes; see the module invariants.
     inner: Mutex<Inner>,
+    view: ArcSwap<View>,
     workers: Mutex<Vec<Arc<Mutex<WorkerReport>>>>,
     started: Instant,
 }
@@ -159,10 +231,59 @@ impl std::fmt::Debug for ControlPlane {
 /// Why a control request failed.
 pub type ControlError = String;
 
-/// The digest of a config file's contents (`None`: unreadable), to notice a change.
+/// The digest of a config file's contents (`None`: unreadable), to notice a change. Reads it as
+/// every `lb` process does ([`lb_core::config::read_config_file`]: a regular file of bounded
+/// size, opened without blocking).
 #[must_use]
 pub fn file_digest(path: &Path) -> Option<u64> {
-    std::fs::read(path).ok().map(|b| xxh3(&b, 0))
+    lb_core::config::read_config_file(path)
+        .ok()
+        .map(|b| crate::watch::digest(&b))
+}
+
+/// Why a reload seen by the file watcher is held rather than applied: it would remove most
+/// VIPs, or leave a VIP that had backends with none. Such a file is more often half-written
+/// or truncated than meant; an explicit reload applies it.
+#[must_use]
+pub fn hold_reason(old: &Config, new: &Config) -> Option<String> {
+    let removed: Vec<&str> = old
+        .vips
+        .iter()
+        .filter(|v| new.vip(&v.name).is_none())
+        .map(|v| v.name.as_str())
+        .collect();
+    if !removed.is_empty() && removed.len() * 2 > old.vips.len() {
+        return Some(format!(
+            "it would remove {} of the {} VIPs ({})",
+            removed.len(),
+            old.vips.len(),
+            removed.join(", ")
+        ));
+    }
+    let emptied: Vec<&str> = old
+        .vips
+        .iter()
+        .filter(|v| !v.backends.is_empty())
+        .filter(|v| new.vip(&v.name).is_some_and(|n| n.backends.is_empty()))
+        .map(|v| v.name.as_str())
+        .collect();
+    (!emptied.is_empty())
+        .then(|| format!("it would leave VIP {} with no backend", emptied.join(", ")))
+}
+
+/// Logs at WARN every VIP and backend `new` no longer has.
+fn warn_removed(old: &Config, new: &Config) {
+    for v in &old.vips {
+        let Some(n) = new.vip(&v.name) else {
+            tracing::warn!(vip = %v.name, address = %v.address, backends = v.backends.len(), "VIP removed by the new config");
+            continue;
+        };
+        for b in &v.backends {
+            if !n.backends.iter().any(|nb| nb.address == b.address) {
+                tracing::warn!(vip = %v.name, backend = %b.address, "backend removed by the new config");
+            }
+        }
+    }
 }
 
 /// Logs the node settings a reload cannot apply (they shape the process: devices, threads,
@@ -191,12 +312,26 @@ fn warn_restart_only(old: &Config, new: &Config) {
     }
 }
 
+/// Reads and parses the config file: the config and the digest of the contents read.
+fn read_config(path: &Path) -> Result<(Config, u64), ControlError> {
+    let bytes =
+        lb_core::config::read_config_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let digest = crate::watch::digest(&bytes);
+    Ok((parse_config(path, bytes)?, digest))
+}
+
+/// Parses config file contents read from `path`.
+fn parse_config(path: &Path, bytes: Vec<u8>) -> Result<Config, ControlError> {
+    let text = String::from_utf8(bytes)
+        .map_err(|_| format!("{}: the file is not UTF-8 text", path.display()))?;
+    Config::from_toml(&text, path).map_err(|e| e.to_string())
+}
+
 impl ControlPlane {
     /// Loads `config_path`, compiles generation 1, and returns the control plane with the
     /// [`Shared`] state the workers read.
     pub fn start(config_path: &Path) -> Result<(Arc<Self>, Arc<Shared>), ControlError> {
-        let file_digest = file_digest(config_path);
-        let base = Config::load(config_path).map_err(|e| e.to_string())?;
+        let (base, digest) = read_config(config_path)?;
         let snapshot =
             Snapshot::compile(&base, 1).map_err(|e| format!("{}: {e}", config_path.display()))?;
         let shared = Shared::new(snapshot);
@@ -204,12 +339,15 @@ impl ControlPlane {
             config_path: config_path.to_owned(),
             shared: Arc::clone(&shared),
             inner: Mutex::new(Inner {
-                base,
+                file_digest: Some(digest),
+            }),
+            view: ArcSwap::from_pointee(View {
+                base: Arc::new(base),
                 overrides: Overrides::default(),
-                file_digest,
                 reloads_ok: 0,
                 reloads_failed: 0,
                 last_error: None,
+                held: None,
             }),
             workers: Mutex::new(Vec::new()),
             started: Instant::now(),
@@ -227,7 +365,13 @@ impl ControlPlane {
     /// The base config in force (the file as last loaded successfully).
     #[must_use]
     pub fn config(&self) -> Config {
-        self.lock().base.clone()
+        Config::clone(&self.view.load().base)
+    }
+
+    /// The digest of the file contents last read, for a watcher to start from.
+    #[must_use]
+    pub fn file_digest(&self) -> Option<u64> {
+        self.lock().file_digest
     }
 
     /// The shared state.
@@ -248,11 +392,19 @@ impl ControlPlane {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Publishes a changed [`View`]. Only under the change lock (`_changing`), so no change is
+    /// lost between the load and the store.
+    fn update_view(&self, _changing: &Inner, change: impl FnOnce(&mut View)) {
+        let mut view = View::clone(&self.view.load());
+        change(&mut view);
+        self.view.store(Arc::new(view));
+    }
+
     /// Compiles `base` with `overrides` and publishes it; on error nothing changes.
     fn publish(
         &self,
-        inner: &mut Inner,
-        base: Config,
+        inner: &Inner,
+        base: Arc<Config>,
         overrides: Overrides,
         why: &str,
     ) -> Result<u64, ControlError> {
@@ -270,64 +422,134 @@ impl ControlPlane {
             .map_err(|e| format!("{}: {e}", self.config_path.display()))?;
         snapshot.use_snat_of(&base);
         let window = u64::from(effective.node.chain_window_seconds) * 1_000_000_000;
-        if window > 0 {
-            snapshot.chain_from(&old, crate::worker::monotonic_ns().saturating_add(window));
+        if window > 0
+            && !snapshot.chain_from(&old, crate::worker::monotonic_ns().saturating_add(window))
+        {
+            tracing::warn!(
+                generation,
+                "out of memory for the previous tables: some GRE VIPs do not chain in this window"
+            );
         }
-        inner.base = base;
-        inner.overrides = overrides;
         let snapshot = Arc::new(snapshot);
         self.shared.snapshot.store(Arc::clone(&snapshot));
+        self.update_view(inner, |v| {
+            v.base = base;
+            v.overrides = overrides;
+        });
         self.log_published(&snapshot, why);
         Ok(generation)
     }
 
     fn log_published(&self, snapshot: &Snapshot, why: &str) {
         for vip in &snapshot.vips {
+            let backends = vip.table.backends().len();
             tracing::info!(
                 generation = snapshot.generation,
                 vip = %vip.name,
-                backends = vip.table.backends().len(),
+                backends,
                 fingerprint = %fingerprint_hex(vip.fingerprint),
                 "published ({why})"
             );
+            if vip.table.slots().is_empty() {
+                tracing::warn!(
+                    generation = snapshot.generation,
+                    vip = %vip.name,
+                    configured = self.view.load().base.vip(&vip.name).map_or(0, |v| v.backends.len()),
+                    "VIP has no healthy backend with a weight above 0: its new flows are dropped (drop reason no_backend)"
+                );
+            }
         }
     }
 
-    /// Reads the config file again; a bad file is rejected and logged, and the old snapshot
-    /// keeps serving. Returns the new generation.
-    pub fn reload(&self, trigger: &str) -> Result<u64, ControlError> {
-        let mut inner = self.lock();
-        inner.file_digest = file_digest(&self.config_path);
-        let result = Config::load(&self.config_path)
-            .map_err(|e| e.to_string())
-            .and_then(|base| {
-                warn_restart_only(&inner.base, &base);
-                let mut overrides = inner.overrides.clone();
-                overrides.prune(&base);
-                self.publish(&mut inner, base, overrides, trigger)
-            });
+    /// Applies a config read from the file: warns of settings only a restart applies, keeps
+    /// the overrides of backends it still has, publishes, and logs what it removed.
+    fn apply_file(&self, inner: &Inner, base: Config, why: &str) -> Result<u64, ControlError> {
+        let view = self.view.load_full();
+        warn_restart_only(&view.base, &base);
+        let mut overrides = view.overrides.clone();
+        overrides.prune(&base);
+        let base = Arc::new(base);
+        let generation = self.publish(inner, Arc::clone(&base), overrides, why)?;
+        warn_removed(&view.base, &base);
+        Ok(generation)
+    }
+
+    /// Counts and logs a reload's result.
+    fn record(
+        &self,
+        inner: &Inner,
+        trigger: &str,
+        result: Result<u64, ControlError>,
+    ) -> Result<u64, ControlError> {
         match &result {
             Ok(generation) => {
-                inner.reloads_ok += 1;
-                inner.last_error = None;
+                self.update_view(inner, |v| {
+                    v.reloads_ok += 1;
+                    v.last_error = None;
+                    v.held = None;
+                });
                 tracing::info!(trigger, generation, "config reloaded");
             }
             Err(e) => {
-                inner.reloads_failed += 1;
-                inner.last_error = Some(e.clone());
+                self.update_view(inner, |v| {
+                    v.reloads_failed += 1;
+                    v.last_error = Some(e.clone());
+                });
                 tracing::error!(trigger, error = %e, "config rejected; the previous config keeps serving");
             }
         }
         result
     }
 
-    /// Reloads if the file's contents changed since the last load (the file watcher).
-    pub fn reload_if_changed(&self) -> Option<Result<u64, ControlError>> {
-        let now = file_digest(&self.config_path);
-        if now.is_none() || now == self.lock().file_digest {
+    /// Reads the config file again and applies it (an explicit reload: SIGHUP or the control
+    /// socket; a held change is applied too). A bad file is rejected and logged, and the old
+    /// snapshot keeps serving. Returns the new generation.
+    pub fn reload(&self, trigger: &str) -> Result<u64, ControlError> {
+        let mut inner = self.lock();
+        let result = read_config(&self.config_path).and_then(|(base, digest)| {
+            inner.file_digest = Some(digest);
+            self.apply_file(&inner, base, trigger)
+        });
+        self.record(&inner, trigger, result)
+    }
+
+    /// Applies contents the file watcher found complete ([`crate::watch::ConfigWatch`]), unless
+    /// they are the ones last read. A change that would remove most VIPs or empty a VIP is held
+    /// ([`hold_reason`]) until an explicit [`ControlPlane::reload`]. None when nothing was done.
+    pub fn reload_watched(&self, bytes: Vec<u8>, digest: u64) -> Option<WatchedReload> {
+        const TRIGGER: &str = "file changed";
+        let mut inner = self.lock();
+        if inner.file_digest == Some(digest) {
             return None;
         }
-        Some(self.reload("file changed"))
+        inner.file_digest = Some(digest);
+        let base = match parse_config(&self.config_path, bytes) {
+            Ok(base) => base,
+            Err(e) => {
+                return Some(WatchedReload::Rejected(
+                    self.record(&inner, TRIGGER, Err(e)).unwrap_err(),
+                ));
+            }
+        };
+        if let Some(reason) = hold_reason(&self.view.load().base, &base) {
+            tracing::warn!(
+                file = %self.config_path.display(),
+                %reason,
+                "config change held, not applied: run `lb ctl reload` or send SIGHUP to apply it"
+            );
+            self.update_view(&inner, |v| {
+                v.held = Some(Held {
+                    reason: reason.clone(),
+                    digest,
+                });
+            });
+            return Some(WatchedReload::Held(reason));
+        }
+        let result = self.apply_file(&inner, base, TRIGGER);
+        Some(match self.record(&inner, TRIGGER, result) {
+            Ok(generation) => WatchedReload::Applied(generation),
+            Err(e) => WatchedReload::Rejected(e),
+        })
     }
 
     /// The (VIP, backend) pairs a request names; an error if none.
@@ -364,31 +586,34 @@ impl ControlPlane {
         why: &str,
         change: impl Fn(&mut Overrides, (String, IpAddr)) -> bool,
     ) -> Result<Value, ControlError> {
-        let mut inner = self.lock();
-        let targets = Self::targets(&inner.base, backend, vip)?;
-        let mut overrides = inner.overrides.clone();
+        let inner = self.lock();
+        let view = self.view.load_full();
+        let targets = Self::targets(&view.base, backend, vip)?;
+        let mut overrides = view.overrides.clone();
         let mut changed = false;
         for t in targets {
             changed |= change(&mut overrides, t);
         }
         if !changed {
+            // Nothing for the tables; keep what was reported.
+            self.update_view(&inner, |v| v.overrides = overrides);
             let generation = self.shared.snapshot.load().generation;
             return Ok(json!({"ok": true, "changed": false, "generation": generation}));
         }
-        let base = inner.base.clone();
-        let generation = self.publish(&mut inner, base, overrides, why)?;
+        let generation = self.publish(&inner, Arc::clone(&view.base), overrides, why)?;
         tracing::info!(%backend, vip = vip.unwrap_or("*"), generation, "{why}");
         Ok(json!({"ok": true, "changed": true, "generation": generation}))
     }
 
     /// [`Request::SyncHealth`]: every known pair set at once, one snapshot at most.
     fn sync_health(&self, entries: &[HealthEntry]) -> Result<Value, ControlError> {
-        let mut inner = self.lock();
-        let mut overrides = inner.overrides.clone();
+        let inner = self.lock();
+        let view = self.view.load_full();
+        let mut overrides = view.overrides.clone();
         let mut ignored = Vec::new();
         let mut changed = 0usize;
         for e in entries {
-            let known = inner
+            let known = view
                 .base
                 .vip(&e.vip)
                 .is_some_and(|v| v.backends.iter().any(|b| b.address == e.backend));
@@ -397,6 +622,7 @@ impl ControlPlane {
                 continue;
             }
             let key = (e.vip.clone(), e.backend);
+            overrides.reported.insert(key.clone());
             let flipped = if e.healthy {
                 overrides.unhealthy.remove(&key)
             } else {
@@ -408,10 +634,10 @@ impl ControlPlane {
             }
         }
         let generation = if changed == 0 {
+            self.update_view(&inner, |v| v.overrides = overrides);
             self.shared.snapshot.load().generation
         } else {
-            let base = inner.base.clone();
-            self.publish(&mut inner, base, overrides, "health synced")?
+            self.publish(&inner, Arc::clone(&view.base), overrides, "health synced")?
         };
         Ok(json!({"ok": true, "changed": changed, "ignored": ignored, "generation": generation}))
     }
@@ -437,6 +663,7 @@ impl ControlPlane {
                     "backend unhealthy"
                 },
                 |o, t| {
+                    o.reported.insert(t.clone());
                     if *healthy {
                         o.unhealthy.remove(&t)
                     } else {
@@ -461,9 +688,9 @@ impl ControlPlane {
 
     /// Parses and executes one request line; malformed input gets `{"ok": false, "error"}`.
     pub fn handle_line(&self, line: &str) -> Value {
-        match serde_json::from_str::<Request>(line) {
+        match parse_request(line) {
             Ok(request) => self.handle(&request),
-            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+            Err(e) => json!({"ok": false, "error": e}),
         }
     }
 
@@ -513,23 +740,15 @@ impl ControlPlane {
     /// Reloads from the file so far: (accepted, rejected).
     #[must_use]
     pub fn reloads(&self) -> (u64, u64) {
-        let inner = self.lock();
-        (inner.reloads_ok, inner.reloads_failed)
+        let view = self.view.load();
+        (view.reloads_ok, view.reloads_failed)
     }
 
     /// The answer to `status`.
     #[must_use]
     pub fn status(&self) -> Value {
-        let (base, overrides, reloads_ok, reloads_failed, last_error) = {
-            let inner = self.lock();
-            (
-                inner.base.clone(),
-                inner.overrides.clone(),
-                inner.reloads_ok,
-                inner.reloads_failed,
-                inner.last_error.clone(),
-            )
-        };
+        let view = self.view.load_full();
+        let (base, overrides) = (&view.base, &view.overrides);
         let snapshot = self.shared.snapshot.load_full();
         let totals = self.totals();
         let vips: Vec<Value> = base
@@ -574,6 +793,7 @@ impl ControlPlane {
                             "weight": b.weight,
                             "effective_weight": if healthy && !drained { b.weight } else { 0 },
                             "healthy": healthy,
+                            "health_reported": overrides.reported.contains(&key),
                             "drained": drained,
                             "slots": slots,
                             "packets": traffic.packets,
@@ -581,8 +801,16 @@ impl ControlPlane {
                         })
                     })
                     .collect();
+                let healthy_backends = v
+                    .backends
+                    .iter()
+                    .filter(|b| !overrides.unhealthy.contains(&(v.name.clone(), b.address)))
+                    .count();
+                let serving = compiled.is_some_and(|c| !c.table.slots().is_empty());
                 json!({
                     "name": v.name,
+                    "state": if serving { "serving" } else { "no_healthy_backend" },
+                    "healthy_backends": healthy_backends,
                     "address": v.address,
                     "protocol": v.protocol,
                     "port": v.port,
@@ -603,7 +831,12 @@ impl ControlPlane {
             "config": self.config_path,
             "generation": snapshot.generation,
             "uptime_seconds": self.started.elapsed().as_secs(),
-            "reloads": {"ok": reloads_ok, "failed": reloads_failed, "last_error": last_error},
+            "reloads": {
+                "ok": view.reloads_ok,
+                "failed": view.reloads_failed,
+                "last_error": view.last_error,
+                "held": view.held.as_ref().map(|h| &h.reason),
+            },
             "vips": vips,
             "counters": {
                 "frames": totals.counters.packets,

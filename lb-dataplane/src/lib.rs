@@ -39,4 +39,5 @@ pub mod rawip;
 pub mod sockdiag;
 pub mod socket;
 pub mod tun;
+pub mod watch;
 pub mod worker;

@@ -4,8 +4,10 @@
 //! - **Devices.** Each worker gets its own AF_PACKET TPACKET_V3 ring on `node.interface`, all in
 //!   one `PACKET_FANOUT_HASH` group (a flow always reaches the same worker, so its conntrack entry
 //!   is where its packets are), and its own raw IP sockets to send with `sendmmsg`.
-//! - **Reload** on SIGHUP, on a change of the config file's contents (polled every
-//!   [`WATCH_INTERVAL`]), and on the control socket's `reload`. See [`crate::control`].
+//! - **Reload** on SIGHUP, on a change of the config file's contents once the file is complete
+//!   ([`crate::watch`], polled every [`WATCH_INTERVAL`]), and on the control socket's `reload`.
+//!   Reloads run on their own thread (`lb-reload`): a long compile never delays SIGTERM, and
+//!   `status` answers meanwhile. See [`crate::control`].
 //! - **Shutdown** on SIGTERM or SIGINT: workers finish their batch, flush and stop; the control
 //!   socket file is removed; the process exits 0.
 //!
@@ -15,10 +17,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::thread;
 use std::time::Duration;
-
-use crossbeam_channel::RecvTimeoutError;
 
 use crate::process::RunOptions;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -31,7 +30,7 @@ use crate::node::{Devices, Mux, worker_count};
 use crate::rawip::RawIpTransmitter;
 
 /// How often the config file is checked for changes.
-pub const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+pub const WATCH_INTERVAL: Duration = crate::watch::TICK;
 /// Packets a worker's transmitter queues before it must flush.
 const TX_QUEUE: usize = 256;
 
@@ -57,12 +56,13 @@ pub fn open_af_packet(interface: &str, count: usize) -> io::Result<Vec<Devices>>
 pub fn run(options: &RunOptions) -> Result<(), String> {
     let (plane, _) = ControlPlane::start(&options.config)?;
     let config = plane.config();
-    let interface = config.node.interface.clone().ok_or_else(|| {
-        format!(
-            "{}: node.interface: lb mux needs the interface that receives VIP traffic",
-            options.config.display()
-        )
-    })?;
+    let problems = config.role_problems(lb_core::config::Role::Mux);
+    if !problems.is_empty() {
+        let file = options.config.display();
+        let lines: Vec<String> = problems.iter().map(|p| format!("{file}: {p}")).collect();
+        return Err(lines.join("\n"));
+    }
+    let interface = config.node.interface.clone().unwrap_or_default();
     let workers = worker_count(&config);
     let devices = open_af_packet(&interface, workers)
         .map_err(|e| format!("opening {workers} worker device(s) on {interface}: {e}"))?;
@@ -89,43 +89,17 @@ pub fn run(options: &RunOptions) -> Result<(), String> {
         socket = %socket_path.display(),
         "lb mux running"
     );
-    let (signal_tx, signal_rx) = crossbeam_channel::unbounded();
+    let mut signals = signals;
     let handle = signals.handle();
-    let signal_thread = thread::Builder::new()
-        .name("lb-signals".into())
-        .spawn(move || {
-            let mut signals = signals;
-            for s in signals.forever() {
-                if signal_tx.send(s).is_err() {
-                    break;
-                }
-            }
-        })
-        .map_err(|e| format!("signal thread: {e}"));
-    let signal_thread = match signal_thread {
-        Ok(t) => t,
-        Err(e) => {
-            mux.stop();
-            return Err(e);
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            mux.request_reload();
+            continue;
         }
-    };
-    loop {
-        match signal_rx.recv_timeout(WATCH_INTERVAL) {
-            Ok(SIGHUP) => {
-                let _ = plane.reload("SIGHUP");
-            }
-            Ok(signal) => {
-                tracing::info!(signal, "shutting down");
-                break;
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                let _ = plane.reload_if_changed();
-            }
-            Err(RecvTimeoutError::Disconnected) => break,
-        }
+        tracing::info!(signal, "shutting down");
+        break;
     }
     handle.close();
-    let _ = signal_thread.join();
     mux.stop();
     tracing::info!("lb mux stopped");
     Ok(())

@@ -44,10 +44,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use lb_core::check::{BgpConfig, HealthcheckConfig, Speaker};
-use lb_core::config::{Config, PortSpec};
+use lb_core::config::Config;
 use lb_dataplane::control::HealthEntry;
 use lb_dataplane::process::RunOptions;
 use lb_dataplane::socket::{ControlClient, ControlHandler, ControlSocket};
+use lb_dataplane::watch::{Change, ConfigWatch};
 use serde_json::{Value, json};
 
 use crate::engine::{Engine, EngineOptions, ProbeSpec, TargetId};
@@ -61,8 +62,6 @@ const MUX_TIMEOUT: Duration = Duration::from_secs(1);
 const SYNC_LINE_BYTES: usize = lb_dataplane::socket::MAX_LINE / 2;
 /// How often the view for `status` and the metrics is refreshed from the engine.
 const VIEW_REFRESH: Duration = Duration::from_millis(200);
-/// How often the config file is checked for changes.
-const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// Consecutive failed node checks before the node counts as unhealthy (one slow answer, such
 /// as during a large table rebuild, must not withdraw every node at once).
 const NODE_FAILURES: u32 = 2;
@@ -104,11 +103,8 @@ impl Plan {
                     specs.push(ProbeSpec {
                         vip: vip.name.clone(),
                         backend: b.address,
-                        port: check.port.unwrap_or(match vip.port {
-                            PortSpec::Port(p) => p,
-                            // Validation demands check.port for an all-ports VIP.
-                            PortSpec::All => 0,
-                        }),
+                        // Validation demands check.port for an all-ports VIP.
+                        port: vip.check_port().unwrap_or(0),
                         check: check.clone(),
                     });
                     TargetId(specs.len() - 1)
@@ -308,20 +304,29 @@ struct Loaded {
 /// Reads and validates the config and its `[healthcheck]` section. On error, also the digest
 /// of what was read, so that a bad file is reported once, not at every look.
 fn load(path: &Path) -> Result<Loaded, (String, Option<u64>)> {
-    let bytes = std::fs::read(path).map_err(|e| (format!("{}: {e}", path.display()), None))?;
-    let digest = Some(lb_core::hash::xxh3(&bytes, 0));
+    let bytes = lb_core::config::read_config_file(path)
+        .map_err(|e| (format!("{}: {e}", path.display()), None))?;
+    let digest = lb_dataplane::watch::digest(&bytes);
+    load_bytes(path, bytes, digest)
+}
+
+/// [`load`] of contents already read (by the file watcher).
+fn load_bytes(path: &Path, bytes: Vec<u8>, digest: u64) -> Result<Loaded, (String, Option<u64>)> {
+    let digest = Some(digest);
     let text =
         String::from_utf8(bytes).map_err(|_| (format!("{}: not UTF-8", path.display()), digest))?;
     let config = Config::from_toml(&text, path).map_err(|e| (e.to_string(), digest))?;
-    let section = config.healthcheck.clone().ok_or_else(|| {
-        (
-            format!(
-                "{}: no [healthcheck] section: add one (an empty one publishes to this node's mux)",
-                path.display()
-            ),
-            digest,
-        )
-    })?;
+    let problems = config.role_problems(lb_core::config::Role::Healthcheck);
+    let section = match (&config.healthcheck, problems.first()) {
+        (Some(section), None) => section.clone(),
+        (_, problem) => {
+            let reason = problem.map_or_else(
+                || "no [healthcheck] section".to_owned(),
+                ToString::to_string,
+            );
+            return Err((format!("{}: {reason}", path.display()), digest));
+        }
+    };
     Ok(Loaded {
         config,
         section,
@@ -593,7 +598,7 @@ fn serve(
 
     let mut last_refresh = Instant::now();
     let mut last_watch = Instant::now();
-    let mut digest = loaded.digest;
+    let mut watch = ConfigWatch::new(&options.config, loaded.digest);
     let mut reload = None;
     let mut failure = None;
     while !shared.stopping() {
@@ -657,30 +662,45 @@ fn serve(
             refresh_view(shared, &engine, &plan);
             last_refresh = Instant::now();
         }
+        // SIGHUP reads the file now; the watcher offers new contents once the file is
+        // complete (never a half-written one).
         let signalled = reload_requested.swap(false, Ordering::Relaxed);
-        if signalled || last_watch.elapsed() >= WATCH_INTERVAL {
+        let attempt = if signalled {
+            Some(load(&options.config))
+        } else if last_watch.elapsed() >= lb_dataplane::watch::TICK {
             last_watch = Instant::now();
-            let now = lb_dataplane::control::file_digest(&options.config);
-            if signalled || now != digest {
-                match load(&options.config) {
-                    Ok(new) => {
-                        tracing::info!(
-                            trigger = if signalled { "SIGHUP" } else { "file changed" },
-                            "config reloaded"
-                        );
-                        metrics::counter!("lb_healthcheck_reloads_total", "result" => "ok")
-                            .increment(1);
-                        reload = Some(new);
-                        break;
-                    }
-                    Err((e, read)) => {
-                        digest = read;
-                        tracing::error!(error = %e, "reload rejected; the old config keeps running");
-                        metrics::counter!("lb_healthcheck_reloads_total", "result" => "failed")
-                            .increment(1);
-                    }
+            match watch.poll() {
+                Some(Change::Ready(bytes, digest)) => {
+                    Some(load_bytes(&options.config, bytes, digest))
                 }
+                Some(Change::Unreadable(reason)) => {
+                    tracing::warn!(file = %options.config.display(), %reason, "config file unreadable; the config in force keeps running");
+                    None
+                }
+                None => None,
             }
+        } else {
+            None
+        };
+        match attempt {
+            Some(Ok(new)) => {
+                tracing::info!(
+                    trigger = if signalled { "SIGHUP" } else { "file changed" },
+                    "config reloaded"
+                );
+                metrics::counter!("lb_healthcheck_reloads_total", "result" => "ok").increment(1);
+                reload = Some(new);
+                break;
+            }
+            Some(Err((e, read))) => {
+                if let Some(d) = read {
+                    watch.loaded(d);
+                }
+                tracing::error!(error = %e, "reload rejected; the old config keeps running");
+                metrics::counter!("lb_healthcheck_reloads_total", "result" => "failed")
+                    .increment(1);
+            }
+            None => {}
         }
     }
     ending.store(true, Ordering::Relaxed);
