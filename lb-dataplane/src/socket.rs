@@ -2,9 +2,15 @@
 //! request object per line, one answer object per line (see [`crate::control::Request`]).
 //!
 //! The server runs one thread to accept and one thread per connection (the clients are
-//! operators and the health-check sidecar: a handful). A line longer than [`MAX_LINE`] bytes
-//! is answered with an error and the connection closed, so a client cannot make the mux hold
-//! unbounded input.
+//! operators and the health-check sidecar: a handful). What a client can make it hold is
+//! bounded:
+//! - at most [`MAX_CONNECTIONS`] connections at once; one more is answered with an error line
+//!   and closed (counted in `lb_control_connections_refused_total`);
+//! - a connection with no request for [`IDLE_TIMEOUT`] is closed;
+//! - a line longer than [`MAX_LINE`] bytes is answered with an error and the connection closed.
+//!
+//! Every line gets exactly one answer line, a blank or malformed one an error, so a client
+//! never waits for an answer that does not come.
 //!
 //! **Invariant.** Nothing here touches the hot path: requests go to a [`ControlHandler`] (the
 //! mux's [`crate::control::ControlPlane`], the agent), which publishes snapshots or reads
@@ -15,8 +21,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -30,7 +37,32 @@ pub trait ControlHandler: Send + Sync + 'static {
 
 /// The longest request line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
+/// The most connections served at once.
+pub const MAX_CONNECTIONS: usize = 32;
+/// A connection without a request for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const TICK: Duration = Duration::from_millis(100);
+
+/// Counts a live connection; the count goes down when it is dropped.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    /// Takes a slot if fewer than [`MAX_CONNECTIONS`] are taken.
+    fn take(count: &Arc<AtomicUsize>) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_CONNECTIONS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(Arc::clone(count)))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// A listening control socket; removes its file when dropped.
 #[derive(Debug)]
@@ -115,14 +147,25 @@ impl Drop for ControlSocket {
 }
 
 fn accept_loop(plane: &Arc<dyn ControlHandler>, listener: &UnixListener) {
+    let live = Arc::new(AtomicUsize::new(0));
     while !plane.stopping() {
         match listener.accept() {
             Ok((stream, _)) => {
+                let Some(slot) = ConnectionSlot::take(&live) else {
+                    metrics::counter!("lb_control_connections_refused_total").increment(1);
+                    tracing::warn!(
+                        limit = MAX_CONNECTIONS,
+                        "control connection refused: too many open"
+                    );
+                    refuse(stream);
+                    continue;
+                };
                 let plane = Arc::clone(plane);
                 let spawned =
                     thread::Builder::new()
                         .name("lb-control-conn".into())
                         .spawn(move || {
+                            let _slot = slot;
                             if let Err(e) = serve_connection(plane.as_ref(), stream) {
                                 tracing::debug!(error = %e, "control connection ended");
                             }
@@ -140,14 +183,28 @@ fn accept_loop(plane: &Arc<dyn ControlHandler>, listener: &UnixListener) {
     }
 }
 
+/// Answers a connection over the limit with one error line, without waiting for it.
+fn refuse(mut stream: UnixStream) {
+    let _ = stream.set_nonblocking(true);
+    let answer = json!({"ok": false, "error": format!("too many control connections (at most {MAX_CONNECTIONS}); try again")});
+    let _ = writeln!(stream, "{answer}");
+}
+
 fn serve_connection(plane: &dyn ControlHandler, stream: UnixStream) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(TICK))?;
+    stream.set_write_timeout(Some(IDLE_TIMEOUT))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
+    let mut last_request = Instant::now();
     loop {
         if plane.stopping() {
+            return Ok(());
+        }
+        if last_request.elapsed() >= IDLE_TIMEOUT {
+            let answer = json!({"ok": false, "error": format!("closing an idle connection (no request for {} s)", IDLE_TIMEOUT.as_secs())});
+            let _ = writeln!(writer, "{answer}");
             return Ok(());
         }
         let limit = (MAX_LINE + 1 - line.len()) as u64;
@@ -168,6 +225,7 @@ fn serve_connection(plane: &dyn ControlHandler, stream: UnixStream) -> io::Resul
             Ok(_) => {
                 answer_line(plane, &line, &mut writer)?;
                 line.clear();
+                last_request = Instant::now();
             }
             Err(e)
                 if matches!(
@@ -184,10 +242,11 @@ fn serve_connection(plane: &dyn ControlHandler, stream: UnixStream) -> io::Resul
 fn answer_line(plane: &dyn ControlHandler, line: &[u8], writer: &mut UnixStream) -> io::Result<()> {
     let text = String::from_utf8_lossy(line);
     let text = text.trim();
-    if text.is_empty() {
-        return Ok(());
-    }
-    let answer = plane.handle_line(text);
+    let answer = if text.is_empty() {
+        json!({"ok": false, "error": "empty request: send one JSON object per line, such as {\"command\":\"status\"}"})
+    } else {
+        plane.handle_line(text)
+    };
     writeln!(writer, "{answer}")?;
     writer.flush()
 }
