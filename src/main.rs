@@ -28,10 +28,32 @@ struct Cli {
     command: Command,
 }
 
+/// `lb check-config --role`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum RoleArg {
+    Mux,
+    Agent,
+    Healthcheck,
+}
+
+impl From<RoleArg> for lb_core::config::Role {
+    fn from(role: RoleArg) -> Self {
+        match role {
+            RoleArg::Mux => Self::Mux,
+            RoleArg::Agent => Self::Agent,
+            RoleArg::Healthcheck => Self::Healthcheck,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Validate config files: prints "ok" (and any warnings) or every error, exits 1 on errors.
     CheckConfig {
+        /// Also check what this process needs to run on the file (mux: node.interface; agent:
+        /// node.interface and [agent]; healthcheck: [healthcheck]).
+        #[arg(long, value_enum)]
+        role: Option<RoleArg>,
         /// Config files to check.
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -350,16 +372,72 @@ enum BenchCommand {
     },
 }
 
+/// What `lb check-config` says of a valid config besides "ok": the memory it needs on a mux,
+/// and where each VIP's health checks go.
+fn describe_config(config: &Config, file: &std::path::Path, out: &mut dyn Write) -> io::Result<()> {
+    use lb_core::budget::{self, mib};
+    let need = budget::estimate(config);
+    let budget_text = match config.node.memory_budget_mb {
+        Some(mb) => format!("node.memory_budget_mb {mb} MiB"),
+        None => budget::default_budget_bytes().map_or_else(
+            || "no budget (host memory unknown)".to_owned(),
+            |b| format!("default budget {} (half of this host's memory)", mib(b)),
+        ),
+    };
+    writeln!(
+        out,
+        "{}: memory: about {} on a mux ({} of tables per snapshot x {} during a reload, {} of connection tables for {} workers); {budget_text}",
+        file.display(),
+        mib(need.total_bytes()),
+        mib(need.snapshot_bytes),
+        need.generations,
+        mib(need.conntrack_bytes),
+        need.workers,
+    )?;
+    for vip in &config.vips {
+        let (Some(check), Some(port)) = (&vip.check, vip.check_port()) else {
+            continue;
+        };
+        let targets: Vec<String> = vip
+            .backends
+            .iter()
+            .map(|b| SocketAddr::new(b.address, port).to_string())
+            .collect();
+        writeln!(
+            out,
+            "{}: VIP {}: {} checks probe each backend's own address, not the VIP: {} (a server listening on {} only fails them)",
+            file.display(),
+            vip.name,
+            check.kind.type_name(),
+            targets.join(", "),
+            vip.address,
+        )?;
+    }
+    Ok(())
+}
+
 fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::CheckConfig { files } => {
+        Command::CheckConfig { role, files } => {
             let mut failed = false;
             for file in &files {
-                match Config::load(file) {
+                let loaded = Config::load(file).and_then(|config| {
+                    let problems = role.map_or_else(Vec::new, |r| config.role_problems(r.into()));
+                    if problems.is_empty() {
+                        Ok(config)
+                    } else {
+                        Err(lb_core::config::ConfigError {
+                            file: file.clone(),
+                            problems,
+                        })
+                    }
+                });
+                match loaded {
                     Ok(config) => {
                         for w in config.warnings() {
                             writeln!(out, "{}: warning: {w}", file.display())?;
                         }
+                        describe_config(&config, file, out)?;
                         writeln!(out, "{}: ok", file.display())?;
                     }
                     Err(e) => {

@@ -127,6 +127,50 @@ fn check_config_names_file_field_and_reason_for_every_problem() {
 }
 
 #[test]
+fn check_config_reports_every_type_and_unknown_field_error_and_what_the_nodes_need() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = fs::read_to_string(config_path("lab-fleet.toml")).unwrap();
+    // Three read errors in three places (each used to hide the next), and a broken rule.
+    let bad = text
+        .replacen("mtu = 1600", "mtu = 1600\nmut = 1500", 1)
+        .replacen("protocol = \"tcp\"", "protocol = \"sctp\"", 1)
+        .replacen("name = \"be2\"", "name = \"be2\"\n  weight = \"heavy\"", 1)
+        .replacen("interface = \"m0\"", "interface = \"../../etc\"", 1);
+    let path = temp_config(&dir, "bad.toml", &bad);
+    let o = lb(&["check-config", &path]);
+    assert_clean_failure(&o);
+    let out = stdout(&o);
+    for expected in [
+        format!("{path}: node.mut: unknown field `mut`"),
+        format!("{path}: vip[0].protocol: unknown variant `sctp`"),
+        "weight: invalid type: string \"heavy\"".to_owned(),
+        format!("{path}: node.interface: \"../../etc\" is not a usable interface name"),
+    ] {
+        assert!(out.contains(&expected), "missing {expected:?} in:\n{out}");
+    }
+
+    // What a role needs, checked only when asked; a valid file shows its memory and probes.
+    let good = config_path("lab-fleet.toml");
+    let o = lb(&["check-config", "--role", "agent", &good]);
+    assert_clean_failure(&o);
+    assert!(
+        stdout(&o).contains(": agent: lb agent needs an [agent] section"),
+        "{}",
+        stdout(&o)
+    );
+    let o = lb(&["check-config", "--role", "healthcheck", &good]);
+    assert!(o.status.success(), "{}", stdout(&o));
+    let out = stdout(&o);
+    assert!(out.contains("memory: about"), "{out}");
+    assert!(
+        out.contains(
+            "VIP web: http checks probe each backend's own address, not the VIP: 198.18.21.2:80"
+        ),
+        "{out}"
+    );
+}
+
+#[test]
 fn bad_health_check_config_is_rejected_with_the_field_named() {
     let dir = tempfile::tempdir().unwrap();
     let text = fs::read_to_string(config_path("lab-fleet.toml")).unwrap();
