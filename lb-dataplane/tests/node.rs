@@ -43,10 +43,15 @@ impl Node {
     }
 
     fn start_with_mtu(workers: usize, backends: &[&str], mtu: u16) -> Self {
+        Self::start_with(workers, |socket| config_text(socket, backends, mtu))
+    }
+
+    /// A node on the config `text(socket)`.
+    fn start_with(workers: usize, text: impl Fn(&Path) -> String) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("mux.sock");
         let config = dir.path().join("mux.toml");
-        std::fs::write(&config, config_text(&socket, backends, mtu)).unwrap();
+        std::fs::write(&config, text(&socket)).unwrap();
         let (plane, _) = ControlPlane::start(&config).unwrap();
         let mut devices: Vec<Devices> = Vec::new();
         let (mut injectors, mut collectors) = (Vec::new(), Vec::new());
@@ -482,4 +487,253 @@ fn a_second_node_cannot_take_a_live_control_socket() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+}
+
+/// A config of `vips` UDP VIPs (`v0`, `v1`, …, ports 7000 + i) with two backends each.
+fn many_vips_text(socket: &Path, vips: usize, table_size: u32) -> String {
+    let mut s = format!(
+        "[node]\nname = \"mux-test\"\naddress_v4 = \"198.18.11.2\"\ncontrol_socket = {socket:?}\n"
+    );
+    for i in 0..vips {
+        s.push_str(&format!(
+            "\n[[vip]]\nname = \"v{i}\"\naddress = \"{VIP}\"\nprotocol = \"udp\"\nport = {}\nencap = \"ipip\"\ntable_size = {table_size}\n  [[vip.backend]]\n  address = \"198.18.21.2\"\n  [[vip.backend]]\n  address = \"198.18.22.2\"\n",
+            7000 + i
+        ));
+    }
+    s
+}
+
+/// The generation and the number of VIPs with backends, as `status` shows them.
+fn published(node: &Node) -> (u64, usize) {
+    let status = node.ask(json!({"command": "status"}));
+    let serving = status["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["state"] == "serving")
+        .count();
+    (status["generation"].as_u64().unwrap(), serving)
+}
+
+#[test]
+fn a_config_rewritten_slowly_in_place_never_publishes_a_prefix() {
+    use std::io::Write as _;
+    let node = Node::start_with(1, |socket| many_vips_text(socket, 4, 257));
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    // Rewrite the same contents one line every 60 ms, the file open throughout (a slow `cat >`),
+    // while watching what the node publishes.
+    let writer = {
+        let path = node.config.clone();
+        let text = text.clone();
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::create(&path).unwrap();
+            for line in text.split_inclusive('\n') {
+                f.write_all(line.as_bytes()).unwrap();
+                f.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(60));
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        assert_eq!(
+            published(&node),
+            (1, 4),
+            "a prefix of the file was published"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    writer.join().unwrap();
+
+    // The same again with a real change at the end (a fifth VIP): only the whole file counts.
+    let longer = many_vips_text(&node.socket, 5, 257);
+    let writer = {
+        let path = node.config.clone();
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::create(&path).unwrap();
+            for line in longer.split_inclusive('\n') {
+                f.write_all(line.as_bytes()).unwrap();
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        })
+    };
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < deadline && seen.last() != Some(&(2, 5)) {
+        let p = published(&node);
+        if seen.last() != Some(&p) {
+            seen.push(p);
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    writer.join().unwrap();
+    assert_eq!(
+        seen,
+        vec![(1, 4), (2, 5)],
+        "only the complete file is published"
+    );
+}
+
+#[test]
+fn a_watched_change_removing_most_vips_or_emptying_one_is_held_until_an_explicit_reload() {
+    let node = Node::start_with(1, |socket| many_vips_text(socket, 4, 257));
+    // Complete, valid, but only one VIP left: held.
+    std::fs::write(&node.config, many_vips_text(&node.socket, 1, 257)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let status = node.ask(json!({"command": "status"}));
+        if status["reloads"]["held"].is_string() || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let held = status["reloads"]["held"].as_str().unwrap_or_default();
+    assert!(held.contains("remove 3 of the 4 VIPs"), "{status}");
+    assert_eq!(published(&node), (1, 4));
+    // An explicit reload applies it.
+    let answer = node.ask(json!({"command": "reload"}));
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(published(&node), (2, 1));
+    assert!(node.ask(json!({"command": "status"}))["reloads"]["held"].is_null());
+
+    // A VIP left with no backend: held too.
+    let emptied = many_vips_text(&node.socket, 1, 257)
+        .replace("  [[vip.backend]]\n  address = \"198.18.21.2\"\n  [[vip.backend]]\n  address = \"198.18.22.2\"\n", "");
+    std::fs::write(&node.config, emptied).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !node.ask(json!({"command": "status"}))["reloads"]["held"].is_string() {
+        assert!(Instant::now() < deadline, "no hold for an emptied VIP");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = node.ask(json!({"command": "status"}));
+    assert!(
+        status["reloads"]["held"]
+            .as_str()
+            .unwrap()
+            .contains("v0 with no backend"),
+        "{status}"
+    );
+    assert_eq!(published(&node), (2, 1));
+}
+
+#[test]
+fn status_answers_while_a_large_config_compiles_and_a_fifo_never_wedges_a_reload() {
+    let node = Node::start_with(1, |socket| many_vips_text(socket, 2, 257));
+    // 24 VIPs of 655 373 slots: seconds of compile in a debug build.
+    std::fs::write(&node.config, many_vips_text(&node.socket, 24, 655_373)).unwrap();
+    let socket = node.socket.clone();
+    let reload = std::thread::spawn(move || {
+        let started = Instant::now();
+        let answer = request(&socket, &json!({"command": "reload"})).unwrap();
+        (answer, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let mut slowest = Duration::ZERO;
+    while !reload.is_finished() {
+        let started = Instant::now();
+        let status = node.ask(json!({"command": "status"}));
+        assert_eq!(status["ok"], true);
+        node.ask(json!({"command": "workers"}));
+        slowest = slowest.max(started.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (answer, compile) = reload.join().unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    eprintln!("compile {compile:?}, slowest status {slowest:?}");
+    assert!(
+        compile > Duration::from_millis(300) && slowest < compile / 2,
+        "status waited for the compile: slowest answer {slowest:?}, compile {compile:?}"
+    );
+
+    // A FIFO at the config path: the reload fails at once, naming it; the node serves on.
+    std::fs::remove_file(&node.config).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&node.config)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let started = Instant::now();
+    let answer = node.ask(json!({"command": "reload"}));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(answer["ok"], false);
+    assert!(
+        answer["error"].as_str().unwrap().contains("FIFO"),
+        "{answer}"
+    );
+    assert_eq!(published(&node).1, 24);
+}
+
+#[test]
+fn a_reload_over_the_memory_budget_is_refused_and_the_old_config_serves() {
+    let node = Node::start_with(1, |socket| many_vips_text(socket, 2, 257));
+    let over = many_vips_text(&node.socket, 8, 16_777_213)
+        .replace("[node]\n", "[node]\nmemory_budget_mb = 256\n");
+    std::fs::write(&node.config, over).unwrap();
+    let answer = node.ask(json!({"command": "reload"}));
+    assert_eq!(answer["ok"], false, "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(
+        error.contains("node.memory_budget_mb") && error.contains("needs about"),
+        "{error}"
+    );
+    assert_eq!(published(&node), (1, 2));
+}
+
+#[test]
+fn the_control_socket_answers_every_line_refuses_unknown_fields_and_caps_connections() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    use std::os::unix::net::UnixStream;
+    let node = Node::start(1, &["198.18.21.2"]);
+    let mut stream = UnixStream::connect(&node.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut ask_raw = |line: &str| {
+        writeln!(stream, "{line}").unwrap();
+        let mut answer = String::new();
+        reader.read_line(&mut answer).unwrap();
+        serde_json::from_str::<Value>(&answer).unwrap()
+    };
+    let blank = ask_raw("");
+    assert_eq!(blank["ok"], false, "{blank}");
+    assert!(blank["error"].as_str().unwrap().contains("empty request"));
+    for bad in [
+        r#"{"command":"status","verbose":true}"#,
+        r#"{"command":"drain","backend":"198.18.21.2","force":true}"#,
+        r#"["status"]"#,
+    ] {
+        let answer = ask_raw(bad);
+        assert_eq!(answer["ok"], false, "{bad} → {answer}");
+    }
+    let unknown = ask_raw(r#"{"command":"status","verbose":true}"#);
+    assert!(
+        unknown["error"].as_str().unwrap().contains("verbose"),
+        "{unknown}"
+    );
+    assert_eq!(ask_raw(r#"{"command":"workers"}"#)["ok"], true);
+
+    // Connections over the cap get one error line and are closed; the node stays reachable.
+    let cap = lb_dataplane::socket::MAX_CONNECTIONS;
+    let mut held: Vec<UnixStream> = (0..cap + 8)
+        .map(|_| UnixStream::connect(&node.socket).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut refused = 0;
+    for s in &mut held {
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut line = String::new();
+        if BufReader::new(&*s)
+            .read_line(&mut line)
+            .is_ok_and(|n| n > 0)
+        {
+            assert!(line.contains("too many control connections"), "{line}");
+            refused += 1;
+        }
+    }
+    // The first connection (above) holds one slot too.
+    assert_eq!(refused, 9, "{cap} allowed");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(node.ask(json!({"command": "status"}))["ok"], true);
 }
