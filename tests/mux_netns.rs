@@ -6,6 +6,8 @@
 //!   muxes build the same tables); IP-in-IP and GRE both decode; fingerprints agree.
 //! - 100 reloads under a steady sequenced UDP stream lose and reorder nothing; a bad config
 //!   pushed mid-stream is rejected and loses nothing.
+//! - The config rewritten in place one line at a time under that stream loses nothing and
+//!   publishes nothing; a FIFO at the config path blocks neither status, reload nor SIGTERM.
 //! - Bad frames on the wire are counted and dropped, and the node keeps forwarding.
 //! - SIGTERM stops the node with exit code 0 and removes its control socket.
 
@@ -337,6 +339,124 @@ fn every_flow_reaches_the_same_backend_through_either_mux_in_both_encaps() {
     }
 }
 
+/// Sends `packets` sequenced datagrams (4-byte big-endian sequence numbers) from the client's
+/// port `sport` to the VIP's echo port, 1000 a second.
+fn sequenced_udp(client: &Namespace, sport: u16, packets: u32) -> std::thread::JoinHandle<()> {
+    let client = client.clone();
+    std::thread::spawn(move || {
+        client
+            .enter(move || {
+                let socket = UdpSocket::bind(SocketAddrV4::new(Fleet::CLIENT, sport)).unwrap();
+                let start = Instant::now();
+                for seq in 0..packets {
+                    let due = start + Duration::from_micros(u64::from(seq) * 1000);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    socket
+                        .send_to(&seq.to_be_bytes(), SocketAddrV4::new(Fleet::VIP, ECHO))
+                        .unwrap();
+                }
+            })
+            .join()
+            .unwrap();
+    })
+}
+
+/// The flow from `sport` reached one backend with every sequence number, in order.
+fn assert_sequence_intact(captured: &[Captured], sport: u16, packets: u32, mux: &RunningMux) {
+    let seqs: Vec<(Ipv4Addr, u32)> = captured
+        .iter()
+        .filter_map(|c| {
+            let inner = c.inner.as_ref().ok()?;
+            (inner.src_port == Some(sport)).then(|| {
+                (
+                    c.outer_dst,
+                    u32::from_be_bytes(inner.payload[..4].try_into().unwrap()),
+                )
+            })
+        })
+        .collect();
+    let backends: BTreeSet<Ipv4Addr> = seqs.iter().map(|s| s.0).collect();
+    assert_eq!(backends.len(), 1, "the flow kept its backend: {backends:?}");
+    let got: Vec<u32> = seqs.iter().map(|s| s.1).collect();
+    let lost = packets as usize - got.len();
+    assert_eq!(
+        lost,
+        0,
+        "lost {lost} of {packets}; the mux's counters: {}",
+        status(mux)["counters"]
+    );
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "reordered");
+    assert_eq!(got, (0..packets).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_config_rewritten_slowly_under_load_loses_nothing_and_a_fifo_wedges_nothing() {
+    require_root(
+        "mux_netns::a_config_rewritten_slowly_under_load_loses_nothing_and_a_fifo_wedges_nothing",
+    );
+    let mut lab = Lab::new("muxslow").unwrap();
+    let fleet = Fleet::build(
+        &mut lab,
+        &FleetPlan {
+            muxes: 1,
+            backends: 2,
+            resilient: false,
+            ipv6: false,
+        },
+    )
+    .unwrap();
+    let mux = start_mux(&mut lab, &fleet.muxes[0], 1, &[1, 1]);
+    let text = std::fs::read_to_string(&mux.config).unwrap();
+    let captures = capture_all(&fleet);
+    const PACKETS: u32 = 4000;
+    let sender = sequenced_udp(&fleet.client, 31_001, PACKETS);
+    std::thread::sleep(Duration::from_millis(200));
+    // The same contents written back one line every 120 ms (a slow `cat >`, scp): every prefix
+    // is a valid config with fewer VIPs or backends.
+    {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(&mux.config).unwrap();
+        for line in text.split_inclusive('\n') {
+            file.write_all(line.as_bytes()).unwrap();
+            file.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(120));
+        }
+    }
+    sender.join().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_sequence_intact(&stop_all(captures), 31_001, PACKETS, &mux);
+    let s = status(&mux);
+    assert_eq!(
+        s["generation"], 1,
+        "the same contents were published again: {s}"
+    );
+
+    // A FIFO at the config path: the watcher refuses it without blocking, status and an
+    // explicit reload answer at once, SIGTERM stops the node.
+    std::fs::remove_file(&mux.config).unwrap();
+    let made = Command::new("mkfifo").arg(&mux.config).status().unwrap();
+    assert!(made.success());
+    std::thread::sleep(Duration::from_millis(800));
+    let started = Instant::now();
+    let answer = request(&mux.socket, &json!({"command": "reload"})).unwrap();
+    assert_eq!(answer["ok"], false);
+    assert!(
+        answer["error"].as_str().unwrap().contains("FIFO"),
+        "{answer}"
+    );
+    assert_eq!(status(&mux)["vips"].as_array().unwrap().len(), 3);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    lab.signal(mux.pid, libc::SIGTERM).unwrap();
+    let exit = lab.wait(mux.pid, Duration::from_secs(3));
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "{exit:?}\n{}",
+        lab.log(mux.pid)
+    );
+}
+
 #[test]
 fn a_hundred_reloads_under_load_lose_and_reorder_nothing() {
     require_root("mux_netns::a_hundred_reloads_under_load_lose_and_reorder_nothing");
@@ -357,25 +477,7 @@ fn a_hundred_reloads_under_load_lose_and_reorder_nothing() {
     let captures = capture_all(&fleet);
     // One flow, 1000 packets a second for about 5 s, while the config changes 100 times.
     const PACKETS: u32 = 5000;
-    let client = fleet.client.clone();
-    let sender = std::thread::spawn(move || {
-        client
-            .enter(|| {
-                let socket = UdpSocket::bind(SocketAddrV4::new(Fleet::CLIENT, 31_000)).unwrap();
-                let start = Instant::now();
-                for seq in 0..PACKETS {
-                    let due = start + Duration::from_micros(u64::from(seq) * 1000);
-                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
-                    socket
-                        .send_to(&seq.to_be_bytes(), SocketAddrV4::new(Fleet::VIP, ECHO))
-                        .unwrap();
-                }
-            })
-            .join()
-            .unwrap();
-    });
+    let sender = sequenced_udp(&fleet.client, 31_000, PACKETS);
     std::thread::sleep(Duration::from_millis(200));
     let mut reloads = 0;
     for n in 0..100 {
@@ -401,32 +503,7 @@ fn a_hundred_reloads_under_load_lose_and_reorder_nothing() {
     }
     sender.join().unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let captured = stop_all(captures);
-    let seqs: Vec<(Ipv4Addr, u32)> = captured
-        .iter()
-        .filter_map(|c| {
-            let inner = c.inner.as_ref().ok()?;
-            (inner.src_port == Some(31_000)).then(|| {
-                (
-                    c.outer_dst,
-                    u32::from_be_bytes(inner.payload[..4].try_into().unwrap()),
-                )
-            })
-        })
-        .collect();
-    let backends: BTreeSet<Ipv4Addr> = seqs.iter().map(|s| s.0).collect();
-    assert_eq!(backends.len(), 1, "the flow kept its backend: {backends:?}");
-    let got: Vec<u32> = seqs.iter().map(|s| s.1).collect();
-    let lost = PACKETS as usize - got.len();
-    let in_order = got.windows(2).all(|w| w[0] < w[1]);
-    assert_eq!(
-        lost,
-        0,
-        "lost {lost} of {PACKETS}; the mux's counters: {}",
-        status(&mux)["counters"]
-    );
-    assert!(in_order, "reordered");
-    assert_eq!(got, (0..PACKETS).collect::<Vec<_>>());
+    assert_sequence_intact(&stop_all(captures), 31_000, PACKETS, &mux);
     let s = status(&mux);
     assert!(s["reloads"]["ok"].as_u64().unwrap() >= reloads, "{s}");
     assert!(s["reloads"]["failed"].as_u64().unwrap() >= 1);
