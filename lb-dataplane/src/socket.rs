@@ -251,6 +251,38 @@ fn answer_line(plane: &dyn ControlHandler, line: &[u8], writer: &mut UnixStream)
     writer.flush()
 }
 
+/// Reads a request to a process that answers only `status` (the agent, the sidecar): Ok for
+/// exactly `{"command":"status"}`, otherwise the error answer, naming `who` and what was wrong
+/// (not JSON, not an object, another command, a field `status` does not have).
+pub fn status_request(line: &str, who: &str) -> Result<(), Value> {
+    let fail = |error: String| json!({"ok": false, "error": error});
+    let value: Value = serde_json::from_str(line).map_err(|e| fail(format!("bad request: {e}")))?;
+    let Some(object) = value.as_object() else {
+        return Err(fail(
+            "bad request: a request is a JSON object, such as {\"command\":\"status\"}".into(),
+        ));
+    };
+    if value["command"] != "status" {
+        return Err(fail(format!(
+            "unknown command {}; the {who} answers \"status\"",
+            value["command"]
+        )));
+    }
+    let unknown: Vec<&str> = object
+        .keys()
+        .map(String::as_str)
+        .filter(|k| *k != "command")
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(fail(format!(
+            "bad request: unknown field(s) {} for command \"status\"",
+            unknown.join(", ")
+        )))
+    }
+}
+
 /// A connection to a control socket that stays open for many requests (the health-check
 /// sidecar's link to a mux: when it breaks, the mux restarted or went away).
 #[derive(Debug)]
@@ -309,4 +341,30 @@ impl ControlClient {
 /// Sends one request to the control socket at `path` and returns the answer.
 pub fn request(path: &Path, request: &Value) -> io::Result<Value> {
     ControlClient::connect(path, Duration::from_secs(10))?.ask(request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_only_process_refuses_other_commands_fields_and_non_objects() {
+        assert_eq!(status_request(r#"{"command":"status"}"#, "agent"), Ok(()));
+        for (line, says) in [
+            (
+                r#"{"command":"status","verbose":1}"#,
+                "unknown field(s) verbose",
+            ),
+            (r#"{"command":"reload"}"#, "the agent answers \"status\""),
+            (r#"["status"]"#, "JSON object"),
+            ("status", "bad request"),
+        ] {
+            let answer = status_request(line, "agent").unwrap_err();
+            assert_eq!(answer["ok"], false);
+            assert!(
+                answer["error"].as_str().unwrap().contains(says),
+                "{line}: {answer}"
+            );
+        }
+    }
 }

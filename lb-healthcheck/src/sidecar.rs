@@ -277,13 +277,9 @@ impl Shared {
 
 impl ControlHandler for Shared {
     fn handle_line(&self, line: &str) -> Value {
-        match serde_json::from_str::<Value>(line) {
-            Ok(v) if v["command"] == "status" => self.status(),
-            Ok(v) => json!({
-                "ok": false,
-                "error": format!("unknown command {}; the health-check sidecar answers \"status\"", v["command"]),
-            }),
-            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        match lb_dataplane::socket::status_request(line, "health-check sidecar") {
+            Ok(()) => self.status(),
+            Err(answer) => answer,
         }
     }
 
