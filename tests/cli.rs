@@ -5,6 +5,7 @@
 //! pinned, backend order does not matter) and the shape of `bench table --json`.
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -496,4 +497,72 @@ fn an_unknown_experiment_is_refused_before_anything_is_built() {
         "{}",
         stderr(&o)
     );
+}
+
+/// scripts/debian-packages, with stand-ins for `dpkg` (every package missing), `apt-get` (its
+/// first `update` finds the lists locked, as when another apt runs) and `systemctl` first on
+/// PATH: the install waits for the lock instead of failing, and both apt-get steps carry the
+/// lock timeout.
+#[test]
+fn debian_packages_wait_for_another_apts_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    let calls = dir.path().join("calls");
+    let stub = |name: &str, body: &str| {
+        let path = bin.join(name);
+        fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    stub("dpkg", "exit 1");
+    stub("systemctl", "exit 0");
+    stub(
+        "apt-get",
+        &format!(
+            r#"echo "$*" >> {calls}
+case "$*" in
+  *update*)
+    if [ ! -e {calls}.locked-once ]; then
+      touch {calls}.locked-once
+      echo "E: Could not get lock /var/lib/apt/lists/lock. It is held by process 1 (apt-get)" >&2
+      exit 100
+    fi ;;
+esac
+exit 0"#,
+            calls = calls.display()
+        ),
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/debian-packages");
+    let o = Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "set -euo pipefail; source {}; install_debian_packages",
+                script.display()
+            ),
+        ])
+        .env(
+            "PATH",
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+        )
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stderr(&o).contains("waiting for another apt"),
+        "{}",
+        stderr(&o)
+    );
+    let calls = fs::read_to_string(&calls).unwrap();
+    let calls: Vec<&str> = calls.lines().collect();
+    assert_eq!(
+        calls.len(),
+        3,
+        "update (locked), update, install: {calls:?}"
+    );
+    assert!(calls[0].contains("update") && calls[1].contains("update"));
+    assert!(calls[2].contains("install") && calls[2].contains("iproute2"));
+    for call in calls {
+        assert!(call.contains("-o DPkg::Lock::Timeout=600"), "{call}");
+    }
 }
