@@ -410,7 +410,7 @@ fn diff_of_removing_a_backend_moves_its_flows_and_little_else() {
         "{text}"
     );
     assert!(
-        text.contains("VIP echo (changed): 0.000 % of new flows move"),
+        text.contains("VIP echo (unchanged): 0.000 % of new flows move"),
         "{text}"
     );
 }
