@@ -418,6 +418,7 @@ fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 flows,
                 ..forward_bench::ForwardPlan::default()
             };
+            lb::netns::remove_labs_on_signal()?;
             let lb = std::env::current_exe()?;
             let cases = forward_bench::run(&plan, &lb, &mut |line| eprintln!("{line}"))?;
             write!(out, "{}", forward_bench::table(&cases))?;
@@ -530,6 +531,7 @@ fn run_lab(what: LabCommand, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         }
         LabCommand::Demo { seconds, routing } => {
             lb::netns::require_root("lb lab demo");
+            lb::netns::remove_labs_on_signal()?;
             let plan = lab::live::LabPlan {
                 routing: routing.routing(),
                 ..lab::live::LabPlan::default()
@@ -560,6 +562,7 @@ fn run_lab(what: LabCommand, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 );
             };
             lb::netns::require_root("lb lab experiment");
+            lb::netns::remove_labs_on_signal()?;
             let plan = lab::live::LabPlan {
                 routing: routing.routing(),
                 chaining: !no_chaining,
