@@ -296,13 +296,40 @@ fn render_agent(status: &Value) -> String {
             &array(&status["snat"]),
             &[
                 Column::key("address", "address", false),
-                Column::key("ranges", "port ranges", false),
+                Column::with("port ranges", false, |t| t.get("ranges").map(port_ranges)),
                 Column::key("active_mappings", "active mappings", true),
                 Column::key("ports_in_use", "ports in use", true),
             ],
         ),
     );
     s
+}
+
+/// Ranges shown by [`port_ranges`] before it abbreviates.
+const RANGES_SHOWN: usize = 3;
+
+/// An agent's SNAT port ranges (`["1024-1031", …]`, often hundreds) in one cell: the first
+/// [`RANGES_SHOWN`], then how many ranges and ports there are in all.
+fn port_ranges(ranges: &Value) -> String {
+    let all: Vec<String> = ranges.as_array().into_iter().flatten().map(text).collect();
+    let ports: u64 = all
+        .iter()
+        .filter_map(|r| {
+            let (a, b) = r.split_once('-')?;
+            let (a, b) = (a.parse::<u64>().ok()?, b.parse::<u64>().ok()?);
+            b.checked_sub(a).map(|d| d + 1)
+        })
+        .sum();
+    let mut shown = all
+        .iter()
+        .take(RANGES_SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if all.len() > RANGES_SHOWN {
+        shown.push_str(", …");
+    }
+    format!("{shown} ({} ranges, {ports} ports)", all.len())
 }
 
 /// A health check's state in one cell: `up, ok 1.2 ms, 0 transitions` (`-`: no such check).

@@ -764,7 +764,10 @@ fn status_of_an_agent_lists_every_counter_as_a_row() {
         "counters": {"frames": 100, "delivered": 98, "rejected": {"not_a_mux": 2, "bad_checksum": 0},
                      "a_counter_added_later": 4242},
         "snat": [{"address": "198.18.100.1", "ranges": ["1024-1031", "2048-2055"],
-                  "active_mappings": 3, "ports_in_use": 3}],
+                  "active_mappings": 3, "ports_in_use": 3},
+                 {"address": "198.18.100.2",
+                  "ranges": ["1024-1031", "2048-2055", "4096-4103", "8192-8207"],
+                  "active_mappings": 0, "ports_in_use": 0}],
     }));
     let o = lb(&["status", "--socket", &node.socket]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -786,7 +789,14 @@ fn status_of_an_agent_lists_every_counter_as_a_row() {
         text.contains("addresses: 198.18.21.2, 2001:db8:21::2"),
         "{text}"
     );
-    assert!(text.contains("1024-1031, 2048-2055"), "{text}");
+    assert!(
+        text.contains("1024-1031, 2048-2055 (2 ranges, 16 ports)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("1024-1031, 2048-2055, 4096-4103, … (4 ranges, 40 ports)"),
+        "hundreds of ranges are abbreviated: {text}"
+    );
 }
 
 #[test]
