@@ -1,7 +1,8 @@
 //! `lb lab up|status|down` as an operator runs them (root): a persistent lab survives the
 //! command that built it, serves real HTTP through its muxes, `up` again changes nothing,
 //! `down` removes every namespace and process it made (and only those), and a namespace the
-//! lab did not make is never touched.
+//! lab did not make is never touched. `lb lab demo` stopped by Ctrl-C (SIGINT to its process
+//! group) or by SIGTERM to it alone removes its namespaces, processes and directory.
 
 use std::path::Path;
 use std::process::{Command, Output};
