@@ -145,21 +145,26 @@ fn section(s: &mut String, title: &str, table: Option<Table>) {
     }
 }
 
-/// `label value` pairs of the keys `v` has (the value alone for an empty label), joined by
-/// two spaces.
+/// `label value` pairs of the keys `v` has, joined by two spaces.
 fn pairs(v: &Value, keys: &[(&str, &str)]) -> String {
     keys.iter()
-        .filter_map(|&(key, label)| {
-            field(v, key).map(|value| {
-                if label.is_empty() {
-                    value
-                } else {
-                    format!("{label} {value}")
-                }
-            })
-        })
+        .filter_map(|&(key, label)| field(v, key).map(|value| format!("{label} {value}")))
         .collect::<Vec<_>>()
         .join("  ")
+}
+
+/// A node's first line: `node NAME (ROLE)` and the `keys` it has.
+fn heading(status: &Value, role: &str, keys: &[(&str, &str)]) -> String {
+    let node = match field(status, "node") {
+        Some(name) => format!("node {name} ({role})"),
+        None => role.to_owned(),
+    };
+    let rest = pairs(status, keys);
+    if rest.is_empty() {
+        node
+    } else {
+        format!("{node}  {rest}")
+    }
 }
 
 fn array(v: &Value) -> Vec<Value> {
@@ -170,11 +175,11 @@ fn render_mux(status: &Value) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "mux {}",
-        pairs(
+        "{}",
+        heading(
             status,
+            "mux",
             &[
-                ("node", ""),
                 ("generation", "generation"),
                 ("uptime_seconds", "uptime (s)"),
                 ("config", "config"),
@@ -271,11 +276,11 @@ fn render_agent(status: &Value) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "agent {}",
-        pairs(
+        "{}",
+        heading(
             status,
+            "agent",
             &[
-                ("node", ""),
                 ("tun", "tun"),
                 ("healthy", "healthy"),
                 ("last_seen_ms", "last tunnel packet (ms ago)"),
@@ -354,8 +359,8 @@ fn render_sidecar(status: &Value) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "health-check sidecar {}",
-        pairs(status, &[("node", ""), ("config", "config")])
+        "{}",
+        heading(status, "health-check sidecar", &[("config", "config")])
     );
     section(
         &mut s,

@@ -705,6 +705,10 @@ fn status_of_a_mux_is_aligned_tables_with_a_warning_for_a_vip_without_healthy_ba
             .contains("WARNING")
     );
     assert!(
+        text.starts_with("node mux1 (mux)  generation 7  uptime (s) 3600"),
+        "{text}"
+    );
+    assert!(
         text.contains("last reload error: mux1.toml: vip[0].port: bad"),
         "{text}"
     );
