@@ -2,6 +2,7 @@
 //!
 //! - [`table`]: `lb table` and `lb table diff`, the operator's view of Maglev tables.
 //! - [`bench`](mod@bench): `lb bench table`, and the deterministic inputs the criterion benches use too.
+//! - [`status`]: `lb status` and `lb ctl`: the nodes' control-socket answers for a person.
 //! - [`lab`]: the fleet lab (`lb lab`): namespaces, processes, traffic and experiments.
 //!
 //! Commands write to a caller-given `Write`, never to stdout directly, so output is testable
@@ -13,5 +14,6 @@ pub mod blast;
 pub mod forward_bench;
 pub mod lab;
 pub mod netns;
+pub mod status;
 pub mod table;
 pub mod topology;

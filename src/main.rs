@@ -1,16 +1,16 @@
 //! `lb`: the command-line entry point. Parses arguments (clap) and dispatches to the commands in
 //! the `lb` library; all logic lives there or in `lb-core`.
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use lb::{bench, forward_bench, lab, table};
+use lb::{bench, forward_bench, lab, status, table};
 use lb_core::config::Config;
 use lb_dataplane::agent_run;
-use lb_dataplane::control::render_status;
+use lb_dataplane::control::Request;
 use lb_dataplane::mux;
 use lb_dataplane::process::RunOptions;
 use lb_dataplane::socket::request;
@@ -90,10 +90,14 @@ enum Command {
         #[command(subcommand)]
         what: LabCommand,
     },
-    /// Change a running node: drain, undrain, set health, reload.
+    /// Change a running node: drain, undrain, set health, reload. Prints what changed and the
+    /// generation now in force.
     Ctl {
         #[command(flatten)]
         socket: SocketArgs,
+        /// Print the node's JSON answer instead of text.
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         what: CtlCommand,
     },
@@ -496,6 +500,7 @@ fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 flows,
                 ..forward_bench::ForwardPlan::default()
             };
+            lb::netns::remove_labs_on_signal()?;
             let lb = std::env::current_exe()?;
             let cases = forward_bench::run(&plan, &lb, &mut |line| eprintln!("{line}"))?;
             write!(out, "{}", forward_bench::table(&cases))?;
@@ -516,38 +521,39 @@ fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             let answer = request(&socket.path()?, &json!({"command": "status"}))?;
             if json {
                 writeln!(out, "{answer:#}")?;
-            } else if answer["role"] == "healthcheck" {
-                write!(out, "{}", sidecar::render_status(&answer))?;
+            } else if answer["ok"] == true {
+                write!(out, "{}", status::render(&answer))?;
             } else {
-                write!(out, "{}", render_status(&answer))?;
+                anyhow::bail!("{}", answer["error"].as_str().unwrap_or("the node refused"));
             }
             if answer["ok"] != true {
                 return Ok(ExitCode::FAILURE);
             }
         }
         Command::Lab { what } => return run_lab(what, out),
-        Command::Ctl { socket, what } => {
+        Command::Ctl { socket, json, what } => {
             let req = match what {
-                CtlCommand::Drain { backend, vip } => {
-                    json!({"command": "drain", "backend": backend, "vip": vip})
-                }
-                CtlCommand::Undrain { backend, vip } => {
-                    json!({"command": "undrain", "backend": backend, "vip": vip})
-                }
+                CtlCommand::Drain { backend, vip } => Request::Drain { backend, vip },
+                CtlCommand::Undrain { backend, vip } => Request::Undrain { backend, vip },
                 CtlCommand::SetHealth {
                     backend,
                     state,
                     vip,
-                } => json!({
-                    "command": "set-health",
-                    "backend": backend,
-                    "vip": vip,
-                    "healthy": state == "healthy",
-                }),
-                CtlCommand::Reload => json!({"command": "reload"}),
+                } => Request::SetHealth {
+                    backend,
+                    vip,
+                    healthy: state == "healthy",
+                },
+                CtlCommand::Reload => Request::Reload,
             };
-            let answer = request(&socket.path()?, &req)?;
-            writeln!(out, "{answer}")?;
+            let answer = request(&socket.path()?, &serde_json::to_value(&req)?)?;
+            if json {
+                writeln!(out, "{answer}")?;
+            } else if answer["ok"] == true {
+                write!(out, "{}", status::render_ctl(&req, &answer))?;
+            } else {
+                anyhow::bail!("{}", answer["error"].as_str().unwrap_or("the node refused"));
+            }
             if answer["ok"] != true {
                 return Ok(ExitCode::FAILURE);
             }
@@ -608,6 +614,7 @@ fn run_lab(what: LabCommand, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         }
         LabCommand::Demo { seconds, routing } => {
             lb::netns::require_root("lb lab demo");
+            lb::netns::remove_labs_on_signal()?;
             let plan = lab::live::LabPlan {
                 routing: routing.routing(),
                 ..lab::live::LabPlan::default()
@@ -638,6 +645,7 @@ fn run_lab(what: LabCommand, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 );
             };
             lb::netns::require_root("lb lab experiment");
+            lb::netns::remove_labs_on_signal()?;
             let plan = lab::live::LabPlan {
                 routing: routing.routing(),
                 chaining: !no_chaining,
@@ -689,13 +697,15 @@ fn run_lab(what: LabCommand, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Structured logs on stderr; the level from `RUST_LOG` (default `info`).
+/// Structured logs on stderr; the level from `RUST_LOG` (default `info`). Colours only when
+/// stderr is a terminal: a log file or a journal gets plain text.
 fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
         .init();
 }
 

@@ -9,8 +9,18 @@
 //! dropped — including during a panic — it stops those processes (SIGTERM, then SIGKILL after
 //! 3 s) and deletes its namespaces. Processes outlive `ip netns del`, so killing comes first.
 //!
-//! A crashed run cannot drop its lab; [`Lab::new`] therefore first removes the namespaces of
-//! the same tag whose creating process is gone, after killing the processes left inside them.
+//! A crashed run cannot drop its lab; [`Lab::new`] therefore first removes the namespaces and
+//! the directories (`{temp}/lbt-{tag}-{pid}-…`) of the same tag whose creating process is gone,
+//! after killing the processes left inside those namespaces. (So the logs a lab keeps when it
+//! is dropped during a panic stay until the next run of the same tag.)
+//!
+//! **Signals.** A signal's default action ends a process without dropping anything. A command
+//! whose labs must not outlive a Ctrl-C (`lb lab demo`, `lb lab experiment`, `lb bench
+//! forward`) calls [`remove_labs_on_signal`]: on SIGINT, SIGTERM or SIGHUP its handler thread
+//! stops this process's children, removes every namespace and directory of this process's
+//! temporary labs, and exits with 128 + the signal. From the moment it starts, no lab of this
+//! process creates a namespace or starts a process any more (both happen under the lock the
+//! handler keeps until the exit), so nothing made during the cleanup escapes it.
 //!
 //! **Persistent labs** (`lb lab up`, [`Lab::persistent`]) are named `lbl-{name}-{short}` and are
 //! never removed by another lab's stale cleanup. While one is built, [`JOURNAL`] in its
@@ -33,6 +43,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -44,6 +55,115 @@ const TERM_GRACE: Duration = Duration::from_secs(3);
 
 /// Labs created so far by this process: makes names unique across parallel tests.
 static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// This process's temporary labs ([`Lab::new`]) not yet removed: prefix → directory. A lab is
+/// in it from its creation to the end of its drop. Its lock is held while a temporary lab
+/// creates a namespace or starts a process, and by the signal handler of
+/// [`remove_labs_on_signal`] from the signal to the exit.
+static TEMPORARY_LABS: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+
+fn temporary_labs() -> MutexGuard<'static, BTreeMap<String, PathBuf>> {
+    TEMPORARY_LABS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Makes SIGINT, SIGTERM and SIGHUP remove this process's temporary labs, then exit (see the
+/// [module documentation](self)): the handler thread SIGTERMs this process's children (up to
+/// [`TERM_GRACE`] to exit, then SIGKILL), kills what is left inside the labs' namespaces,
+/// deletes the namespaces and directories, says so on stderr, and exits with 128 + the
+/// signal. Installing it twice is harmless.
+pub fn remove_labs_on_signal() -> io::Result<()> {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    let mut result = Ok(());
+    INSTALLED.call_once(|| {
+        result = (|| {
+            let mut signals =
+                signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
+            thread::Builder::new()
+                .name("lb-lab-signals".into())
+                .spawn(move || {
+                    if let Some(signal) = signals.forever().next() {
+                        remove_temporary_labs(signal);
+                    }
+                })
+                .map(drop)
+        })();
+    });
+    result
+}
+
+/// The signal handler's work: never returns.
+fn remove_temporary_labs(signal: i32) -> ! {
+    // Kept until the exit: no lab of this process creates anything from here on.
+    let labs = temporary_labs();
+    let name = match signal {
+        libc::SIGINT => "SIGINT".to_owned(),
+        libc::SIGTERM => "SIGTERM".to_owned(),
+        libc::SIGHUP => "SIGHUP".to_owned(),
+        other => format!("signal {other}"),
+    };
+    eprintln!("lb: {name}: removing the lab before exiting");
+    signal_children(libc::SIGTERM);
+    let deadline = Instant::now() + TERM_GRACE;
+    while !live_children().is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    signal_children(libc::SIGKILL);
+    for (prefix, dir) in labs.iter() {
+        if let Ok(entries) = fs::read_dir(NETNS_RUN_DIR) {
+            for name in entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+            {
+                if name.starts_with(&format!("{prefix}-")) {
+                    kill_inside(&name);
+                    if let Err(e) = run_checked("ip", &["netns", "del", &name]) {
+                        eprintln!("lb::netns: cannot delete namespace {name}: {e}");
+                    }
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(dir);
+    }
+    eprintln!("lb: the lab's processes, namespaces and files are removed");
+    std::process::exit(128 + signal);
+}
+
+/// This process's children that are not zombies.
+fn live_children() -> Vec<i32> {
+    let me = std::process::id();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| stat_fields(pid).is_some_and(|(state, ppid)| ppid == me && state != 'Z'))
+        .collect()
+}
+
+/// Sends `sig` to every live child of this process, each pinned by a pidfd and checked to be
+/// our child again before the signal goes through the pidfd (a pid reused meanwhile is not
+/// signalled).
+fn signal_children(sig: i32) {
+    let me = std::process::id();
+    for pid in live_children() {
+        signal_pinned(pid, sig, || {
+            stat_fields(pid).is_some_and(|(_, ppid)| ppid == me)
+        });
+    }
+}
+
+/// A process's state letter and parent pid (`/proc/PID/stat` fields 3 and 4).
+fn stat_fields(pid: i32) -> Option<(char, u32)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from its end.
+    let mut rest = stat.get(stat.rfind(')')? + 2..)?.split(' ');
+    let state = rest.next()?.chars().next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    Some((state, ppid))
+}
 
 /// Panics with a clear message unless the process runs as root (effective uid 0).
 ///
@@ -295,11 +415,12 @@ fn start_time(pid: u32) -> Option<u64> {
 }
 
 impl Lab {
-    /// Starts a lab whose namespaces are named `lbt-{tag}-{pid}-{seq}-{short}`.
+    /// Starts a lab whose namespaces are named `lbt-{tag}-{pid}-{seq}-{short}`, with its files
+    /// in `{temp}/lbt-{tag}-{pid}-{seq}`.
     ///
     /// `tag` is ASCII letters and digits only (it identifies the user, e.g. a test file). First
     /// removes stale namespaces `lbt-{tag}-*` whose creating pid is no longer alive, killing the
-    /// processes still inside them.
+    /// processes still inside them, and the stale directories of the same kind.
     pub fn new(tag: &str) -> io::Result<Lab> {
         check_word("tag", tag)?;
         cleanup_stale(tag);
@@ -310,6 +431,7 @@ impl Lab {
         // A directory left by an earlier process that had the same pid holds nothing of ours.
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
+        temporary_labs().insert(prefix.clone(), dir.clone());
         Ok(Lab {
             prefix,
             dir,
@@ -454,7 +576,10 @@ impl Lab {
     pub fn namespace(&mut self, short: &str) -> io::Result<Namespace> {
         check_word("namespace short name", short)?;
         let name = format!("{}-{short}", self.prefix);
-        run_checked("ip", &["netns", "add", &name])?;
+        {
+            let _creating = self.creation_lock();
+            run_checked("ip", &["netns", "add", &name])?;
+        }
         // Recorded before configuring, so that drop deletes it even if configuring fails.
         self.namespaces.push(name.clone());
         self.write_journal();
@@ -509,19 +634,13 @@ impl Lab {
     ///
     /// Taken from `cmd`: program, arguments, environment changes, working directory. Its stdio
     /// settings are replaced: stdin is `/dev/null`, stdout and stderr go to a log file in
-    /// [`log_dir`](Self::log_dir), readable with [`log`](Self::log).
+    /// [`log_dir`](Self::log_dir), readable with [`log`](Self::log). The file is named for the
+    /// node and the process: `{namespace short name}-{program}[-{subcommand}].log`, e.g.
+    /// `mux1-lb-mux.log`, `mux1-lb-healthcheck.log`, `be1-lb-agent.log`, `router-bird.log`; a
+    /// process started again gets `-2`, `-3`, … before `.log`.
     pub fn spawn(&mut self, ns: &Namespace, cmd: &mut Command) -> io::Result<u32> {
         self.check_own(ns)?;
-        let program = Path::new(cmd.get_program())
-            .file_name()
-            .unwrap_or(OsStr::new("cmd"))
-            .to_string_lossy()
-            .into_owned();
-        let log_path = self.dir.join(format!(
-            "{}-{}-{program}.log",
-            self.logs.len(),
-            ns.name.rsplit('-').next().unwrap_or("ns")
-        ));
+        let log_path = self.free_log_path(&log_name(ns, cmd));
         let log = File::create(&log_path)?;
         let mut wrapped = Command::new("ip");
         wrapped
@@ -548,12 +667,34 @@ impl Lab {
         if self.persistent {
             std::os::unix::process::CommandExt::process_group(&mut wrapped, 0);
         }
-        let child = wrapped.spawn()?;
+        let child = {
+            let _creating = self.creation_lock();
+            wrapped.spawn()?
+        };
         let pid = child.id();
         self.children.insert(pid, child);
         self.logs.insert(pid, log_path);
         self.write_journal();
         Ok(pid)
+    }
+
+    /// A temporary lab creates namespaces and starts processes under this lock, so that
+    /// [`remove_labs_on_signal`]'s handler sees everything it made (a persistent lab's own
+    /// journal does that job: `None`).
+    fn creation_lock(&self) -> Option<MutexGuard<'static, BTreeMap<String, PathBuf>>> {
+        (!self.persistent).then(temporary_labs)
+    }
+
+    /// `{dir}/{name}.log`, or `{name}-2.log`, `-3`, … if this lab already logs to that one.
+    fn free_log_path(&self, name: &str) -> PathBuf {
+        let taken = |p: &PathBuf| self.logs.values().any(|l| l == p);
+        let mut path = self.dir.join(format!("{name}.log"));
+        let mut n = 1;
+        while taken(&path) {
+            n += 1;
+            path = self.dir.join(format!("{name}-{n}.log"));
+        }
+        path
     }
 
     /// The record of what this lab has made so far: namespaces, and the processes still
@@ -758,25 +899,79 @@ impl Drop for Lab {
         } else {
             let _ = fs::remove_dir_all(&self.dir);
         }
+        if !self.persistent {
+            temporary_labs().remove(&self.prefix);
+        }
     }
 }
 
-/// Removes namespaces `lbt-{tag}-{pid}-…` whose pid is gone, killing the processes inside.
+/// A spawned process's log name (see [`Lab::spawn`]): the namespace's short name, the
+/// program's file name, and the leading arguments that are plain words (a subcommand: `mux`,
+/// `lab serve`; at most two), joined by `-`.
+fn log_name(ns: &Namespace, cmd: &Command) -> String {
+    let mut parts = vec![
+        ns.name.rsplit('-').next().unwrap_or("ns").to_owned(),
+        Path::new(cmd.get_program())
+            .file_name()
+            .unwrap_or(OsStr::new("cmd"))
+            .to_string_lossy()
+            .into_owned(),
+    ];
+    parts.extend(
+        cmd.get_args()
+            .map_while(|a| {
+                let a = a.to_str()?;
+                let word = !a.is_empty()
+                    && !a.starts_with('-')
+                    && a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                word.then(|| a.to_owned())
+            })
+            .take(2),
+    );
+    parts.join("-")
+}
+
+/// Whether `name` is `lbt-{tag}-{pid}-…` with a `pid` that is no longer alive.
+fn is_stale(name: &str, tag: &str) -> bool {
+    let Some(rest) = name.strip_prefix(&format!("lbt-{tag}-")) else {
+        return false;
+    };
+    let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    // A live pid: its lab may still be running.
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes the directories `{temp}/lbt-{tag}-{pid}-…` whose pid is gone (a run killed before
+/// its lab was dropped, or the logs a panicking run kept).
+fn remove_stale_dirs(tag: &str) {
+    let temp = std::env::temp_dir();
+    let Ok(entries) = fs::read_dir(&temp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_stale(&name, tag)
+            && entry.file_type().is_ok_and(|t| t.is_dir())
+            && let Err(e) = fs::remove_dir_all(entry.path())
+        {
+            eprintln!("lb::netns: cannot remove stale directory {name}: {e}");
+        }
+    }
+}
+
+/// Removes namespaces `lbt-{tag}-{pid}-…` whose pid is gone, killing the processes inside,
+/// and the stale directories of the same kind.
 fn cleanup_stale(tag: &str) {
-    let prefix = format!("lbt-{tag}-");
+    remove_stale_dirs(tag);
     let Ok(entries) = fs::read_dir(NETNS_RUN_DIR) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(&prefix) else {
+        if !is_stale(&name, tag) {
             continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if Path::new(&format!("/proc/{pid}")).exists() {
-            continue; // its lab may still be running
         }
         kill_inside(&name);
         if let Err(e) = run_checked("ip", &["netns", "del", &name]) {
@@ -830,6 +1025,14 @@ fn kill_inside(name: &str) {
 
 /// SIGKILLs `pid` if, once pinned by a pidfd, it is still inside namespace `id`.
 fn kill_pinned(pid: i32, id: (u64, u64)) {
+    signal_pinned(pid, libc::SIGKILL, || {
+        ns_identity(Path::new(&format!("/proc/{pid}/ns/net"))) == Some(id)
+    });
+}
+
+/// Sends `sig` to `pid` if, once pinned by a pidfd, `still_ours` holds: the check then
+/// speaks of the process the signal reaches, even if the pid was reused before the pinning.
+fn signal_pinned(pid: i32, sig: i32, still_ours: impl FnOnce() -> bool) {
     // SAFETY: pidfd_open takes a pid and flags by value and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     let Ok(fd) = i32::try_from(fd) else {
@@ -838,13 +1041,13 @@ fn kill_pinned(pid: i32, id: (u64, u64)) {
     if fd < 0 {
         return;
     }
-    if ns_identity(Path::new(&format!("/proc/{pid}/ns/net"))) == Some(id) {
+    if still_ours() {
         // SAFETY: `fd` is the pidfd opened above; a null siginfo is allowed; flags are 0.
         unsafe {
             libc::syscall(
                 libc::SYS_pidfd_send_signal,
                 fd,
-                libc::SIGKILL,
+                sig,
                 std::ptr::null::<libc::siginfo_t>(),
                 0,
             )
@@ -901,6 +1104,55 @@ mod tests {
         for bad in ["", "net..x", "net/ipv4", "../x", "net.ipv4.", "a b"] {
             assert!(sysctl_path(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn stale_directories_of_the_tag_whose_pid_is_gone_are_removed() {
+        let mut gone = Command::new("true").spawn().unwrap();
+        let dead = gone.id();
+        gone.wait().unwrap();
+        assert!(!Path::new(&format!("/proc/{dead}")).exists());
+        let temp = std::env::temp_dir();
+        let stale = temp.join(format!("lbt-stalet-{dead}-0"));
+        let live = temp.join(format!("lbt-stalet-{}-99", std::process::id()));
+        let other_tag = temp.join(format!("lbt-staleu-{dead}-0"));
+        for dir in [&stale, &live, &other_tag] {
+            fs::create_dir_all(dir.join("sub")).unwrap();
+            fs::write(dir.join("sub/mux1-lb-mux.log"), "x").unwrap();
+        }
+        remove_stale_dirs("stalet");
+        let (stale_left, live_left, other_left) =
+            (stale.exists(), live.exists(), other_tag.exists());
+        let _ = fs::remove_dir_all(&live);
+        let _ = fs::remove_dir_all(&other_tag);
+        let _ = fs::remove_dir_all(&stale);
+        assert!(!stale_left, "a dead run's directory is removed");
+        assert!(live_left, "a live run's directory is kept");
+        assert!(other_left, "another tag's directory is kept");
+    }
+
+    #[test]
+    fn log_names_say_the_node_and_the_process() {
+        let ns = Namespace {
+            name: "lbt-demo-12-0-mux1".to_owned(),
+        };
+        let name = |program: &str, args: &[&str]| {
+            let mut cmd = Command::new(program);
+            cmd.args(args);
+            log_name(&ns, &cmd)
+        };
+        assert_eq!(name("/x/lb", &["mux", "--config", "a.toml"]), "mux1-lb-mux");
+        assert_eq!(
+            name("lb", &["healthcheck", "--config", "a"]),
+            "mux1-lb-healthcheck"
+        );
+        assert_eq!(
+            name("lb", &["lab", "serve", "--name", "be1"]),
+            "mux1-lb-lab-serve"
+        );
+        assert_eq!(name("bird", &["-f", "-c", "/tmp/x.conf"]), "mux1-bird");
+        assert_eq!(name("sh", &["-c", "sleep 1"]), "mux1-sh");
+        assert_eq!(name("sleep", &["../../etc"]), "mux1-sleep");
     }
 
     #[test]

@@ -154,7 +154,15 @@ pub fn show(config: &Config, vip: Option<&str>, as_json: bool, out: &mut dyn Wri
     Ok(())
 }
 
-/// `lb table diff OLD NEW [--json]`: per VIP name, the share of new flows that move.
+/// Whether two sections of a VIP (same name) serve the same address, protocol, port and
+/// encapsulation.
+fn same_service(a: &VipConfig, b: &VipConfig) -> bool {
+    a.address == b.address && a.protocol == b.protocol && a.port == b.port && a.encap == b.encap
+}
+
+/// `lb table diff OLD NEW [--json]`: per VIP name, the share of new flows that move, and its
+/// status: `added`, `removed`, `unchanged` (same address, protocol, port and encapsulation, and
+/// the same table: same fingerprint, i.e. every slot maps to the same backend) or `changed`.
 pub fn diff(old: &Config, new: &Config, as_json: bool, out: &mut dyn Write) -> Result<()> {
     let names: BTreeSet<&str> = old
         .vips
@@ -172,12 +180,18 @@ pub fn diff(old: &Config, new: &Config, as_json: bool, out: &mut dyn Write) -> R
             .as_ref()
             .unwrap_or(&empty)
             .diff(tb.as_ref().unwrap_or(&empty));
+        let fingerprints = (
+            ta.as_ref().map(MaglevTable::fingerprint),
+            tb.as_ref().map(MaglevTable::fingerprint),
+        );
         let status = match (a, b) {
             (Some(_), None) => "removed",
             (None, Some(_)) => "added",
+            (Some(a), Some(b)) if same_service(a, b) && fingerprints.0 == fingerprints.1 => {
+                "unchanged"
+            }
             _ => "changed",
         };
-        let fingerprints = (ta.map(|t| t.fingerprint()), tb.map(|t| t.fingerprint()));
         entries.push((name, status, d, fingerprints));
     }
     if as_json {

@@ -2,11 +2,20 @@
 //!
 //! Covers `check-config` (every example config is valid; bad configs name file, field and
 //! reason; nothing panics), `table` and `table diff` (figures add up, the fleet fingerprint is
-//! pinned, backend order does not matter) and the shape of `bench table --json`.
+//! pinned, backend order does not matter, an unchanged VIP says so), the shape of `bench table
+//! --json`, `lb status` and `lb ctl` against canned control-socket answers (aligned tables, no
+//! raw JSON, `--json`), `lb lab get` on a non-200 answer, plain-text logs, and
+//! scripts/debian-packages waiting for another apt.
 
 use std::fs;
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+use std::thread;
 
 use serde_json::Value;
 
@@ -453,7 +462,7 @@ fn diff_of_removing_a_backend_moves_its_flows_and_little_else() {
         "{text}"
     );
     assert!(
-        text.contains("VIP echo (changed): 0.000 % of new flows move"),
+        text.contains("VIP echo (unchanged): 0.000 % of new flows move"),
         "{text}"
     );
 }
@@ -539,5 +548,478 @@ fn an_unknown_experiment_is_refused_before_anything_is_built() {
         stderr(&o).contains("no experiment \"mux-explodes\"; there are: mux-dies"),
         "{}",
         stderr(&o)
+    );
+}
+
+/// scripts/debian-packages, with stand-ins for `dpkg` (every package missing), `apt-get` (its
+/// first `update` finds the lists locked, as when another apt runs) and `systemctl` first on
+/// PATH: the install waits for the lock instead of failing, and both apt-get steps carry the
+/// lock timeout.
+#[test]
+fn debian_packages_wait_for_another_apts_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    let calls = dir.path().join("calls");
+    let stub = |name: &str, body: &str| {
+        let path = bin.join(name);
+        fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    stub("dpkg", "exit 1");
+    stub("systemctl", "exit 0");
+    stub(
+        "apt-get",
+        &format!(
+            r#"echo "$*" >> {calls}
+case "$*" in
+  *update*)
+    if [ ! -e {calls}.locked-once ]; then
+      touch {calls}.locked-once
+      echo "E: Could not get lock /var/lib/apt/lists/lock. It is held by process 1 (apt-get)" >&2
+      exit 100
+    fi ;;
+esac
+exit 0"#,
+            calls = calls.display()
+        ),
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/debian-packages");
+    let o = Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "set -euo pipefail; source {}; install_debian_packages",
+                script.display()
+            ),
+        ])
+        .env(
+            "PATH",
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+        )
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        stderr(&o).contains("waiting for another apt"),
+        "{}",
+        stderr(&o)
+    );
+    let calls = fs::read_to_string(&calls).unwrap();
+    let calls: Vec<&str> = calls.lines().collect();
+    assert_eq!(
+        calls.len(),
+        3,
+        "update (locked), update, install: {calls:?}"
+    );
+    assert!(calls[0].contains("update") && calls[1].contains("update"));
+    assert!(calls[2].contains("install") && calls[2].contains("iproute2"));
+    for call in calls {
+        assert!(call.contains("-o DPkg::Lock::Timeout=600"), "{call}");
+    }
+}
+
+/// A node's control socket that answers every request line with `answer`, and keeps the
+/// requests it got (the server thread lives as long as the test process).
+struct CannedNode {
+    socket: String,
+    requests: Arc<Mutex<Vec<Value>>>,
+    _dir: tempfile::TempDir,
+}
+
+fn canned_node(answer: Value) -> CannedNode {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&requests);
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                seen.lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&line).expect("a JSON request"));
+                writeln!(stream, "{answer}").unwrap();
+                line.clear();
+            }
+        }
+    });
+    CannedNode {
+        socket: path.to_string_lossy().into_owned(),
+        requests,
+        _dir: dir,
+    }
+}
+
+/// A mux's `status` answer as the mux gives it, with two VIPs: `web` serving (backends whose
+/// figures differ in width), `echo` with no healthy backend.
+fn mux_status() -> Value {
+    serde_json::json!({
+        "ok": true, "node": "mux1", "config": "/etc/lb/mux1.toml", "generation": 7,
+        "uptime_seconds": 3600,
+        "reloads": {"ok": 2, "failed": 1, "last_error": "mux1.toml: vip[0].port: bad",
+                    "held": "it would remove 2 of the 3 VIPs (a, b)"},
+        "vips": [
+            {"name": "web", "address": "198.18.100.1", "protocol": "tcp", "port": 80,
+             "encap": "gre", "table_size": 65537, "fingerprint": "0x00112233aabbccdd",
+             "healthy_backends": 2, "state": "serving",
+             "backends": [
+                {"address": "198.18.21.2", "name": "be1", "weight": 1, "effective_weight": 1,
+                 "healthy": true, "drained": false, "slots": 32769, "packets": 5, "bytes": 300},
+                {"address": "198.18.22.2", "name": null, "weight": 100, "effective_weight": 0,
+                 "healthy": true, "health_reported": false, "drained": true, "slots": 0, "packets": 1234567,
+                 "bytes": 987654321},
+             ]},
+            {"name": "echo", "address": "198.18.100.1", "protocol": "udp", "port": 7,
+             "encap": "gre", "table_size": 65537, "fingerprint": null,
+             "healthy_backends": 0, "state": "no_healthy_backend",
+             "backends": [
+                {"address": "198.18.21.2", "name": "be1", "weight": 1, "effective_weight": 0,
+                 "healthy": false, "drained": false, "slots": 0, "packets": 0, "bytes": 0},
+             ]},
+        ],
+        "counters": {"frames": 1234572, "encapsulated": 1234572, "passed": 0, "sent": 1234572,
+                     "drops": {"no_backend": 12, "malformed": 0}},
+        "conntrack": {"trusted": 3, "untrusted": 1, "capacity": 65536},
+        "workers": [{"id": 0, "generation": 7, "batches": 10, "frames": 1234572,
+                     "largest_batch": 64, "last_seen_ms": 3}],
+    })
+}
+
+/// The lines of the table that starts with the line that contains `header`.
+fn table_after<'a>(text: &'a str, header: &str) -> Vec<&'a str> {
+    text.lines()
+        .skip_while(|l| !l.contains(header))
+        .take_while(|l| !l.trim().is_empty() && !l.starts_with("VIP"))
+        .collect()
+}
+
+/// The column where the last `word` of `line` ends.
+fn end_of(line: &str, word: &str) -> usize {
+    line.rfind(word)
+        .unwrap_or_else(|| panic!("{word:?} in {line:?}"))
+        + word.len()
+}
+
+#[test]
+fn status_of_a_mux_is_aligned_tables_with_a_warning_for_a_vip_without_healthy_backends() {
+    let node = canned_node(mux_status());
+    let o = lb(&["status", "--socket", &node.socket]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        !text.contains('{') && !text.contains('"'),
+        "no raw JSON: {text}"
+    );
+    let web = table_after(&text, "effective");
+    assert_eq!(web.len(), 3, "{text}");
+    let (header, be1, be2) = (web[0], web[1], web[2]);
+    // Right-aligned numbers end where their header ends, whatever their width.
+    for (column, a, b) in [
+        ("weight", "1", "100"),
+        ("slots", "32769", "0"),
+        ("packets", "5", "1234567"),
+        ("bytes", "300", "987654321"),
+    ] {
+        let end = end_of(header, column);
+        assert_eq!(end, end_of(&be1[..end], a), "{column}:\n{text}");
+        assert_eq!(end, end_of(&be2[..end], b), "{column}:\n{text}");
+    }
+    assert!(
+        be1.contains("198.18.21.2 (be1)") && be2.contains("198.18.22.2"),
+        "{text}"
+    );
+    assert!(text.contains("healthy backends 2  state serving"), "{text}");
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("WARNING")).collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(
+        warnings[0].contains("VIP echo has no healthy backend"),
+        "{text}"
+    );
+    let echo_heading = text
+        .lines()
+        .position(|l| l.starts_with("VIP echo"))
+        .unwrap();
+    assert!(
+        text.lines()
+            .nth(echo_heading + 1)
+            .unwrap()
+            .contains("WARNING")
+    );
+    assert!(
+        text.starts_with("node mux1 (mux)  generation 7  uptime (s) 3600"),
+        "{text}"
+    );
+    assert!(
+        text.contains("last reload error: mux1.toml: vip[0].port: bad"),
+        "{text}"
+    );
+    assert!(
+        text.contains("config file is HELD: it would remove 2 of the 3 VIPs (a, b); `lb ctl reload` or SIGHUP applies it"),
+        "{text}"
+    );
+    assert!(
+        be2.contains("yes (not probed yet)") && !be1.contains("probed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("drops.no_backend") && !text.contains("malformed"),
+        "{text}"
+    );
+
+    // --json: the answer as it came.
+    let o = lb(&["status", "--socket", &node.socket, "--json"]);
+    assert_eq!(json(&o), mux_status());
+    assert_eq!(
+        node.requests.lock().unwrap()[0],
+        serde_json::json!({"command": "status"})
+    );
+}
+
+#[test]
+fn status_shows_only_the_keys_a_node_gives() {
+    // An older mux: no per-VIP health summary, no uptime, no workers.
+    let mut answer = mux_status();
+    for vip in answer["vips"].as_array_mut().unwrap() {
+        let vip = vip.as_object_mut().unwrap();
+        vip.remove("healthy_backends");
+        vip.remove("state");
+        for b in vip["backends"].as_array_mut().unwrap() {
+            b.as_object_mut().unwrap().remove("bytes");
+        }
+    }
+    let object = answer.as_object_mut().unwrap();
+    object.remove("uptime_seconds");
+    object.remove("workers");
+    let node = canned_node(answer);
+    let o = lb(&["status", "--socket", &node.socket]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    for absent in [
+        "healthy backends",
+        "state",
+        "WARNING",
+        "uptime",
+        "bytes",
+        "worker",
+        "null",
+    ] {
+        assert!(!text.contains(absent), "{absent}:\n{text}");
+    }
+    assert!(text.contains("packets"), "{text}");
+}
+
+#[test]
+fn status_of_an_agent_lists_every_counter_as_a_row() {
+    let node = canned_node(serde_json::json!({
+        "ok": true, "role": "agent", "node": "be1", "addresses": ["198.18.21.2", "2001:db8:21::2"],
+        "muxes": ["198.18.11.2", "198.18.12.2"], "tun": "lbtun0", "healthy": true,
+        "last_seen_ms": 12,
+        "counters": {"frames": 100, "delivered": 98, "rejected": {"not_a_mux": 2, "bad_checksum": 0},
+                     "a_counter_added_later": 4242},
+        "snat": [{"address": "198.18.100.1", "ranges": ["1024-1031", "2048-2055"],
+                  "active_mappings": 3, "ports_in_use": 3},
+                 {"address": "198.18.100.2",
+                  "ranges": ["1024-1031", "2048-2055", "4096-4103", "8192-8207"],
+                  "active_mappings": 0, "ports_in_use": 0}],
+    }));
+    let o = lb(&["status", "--socket", &node.socket]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        !text.contains('{') && !text.contains('"') && !text.contains('['),
+        "{text}"
+    );
+    let row = |name: &str, value: &str| {
+        text.lines().any(|l| {
+            let cells: Vec<&str> = l.split_whitespace().collect();
+            cells == [name, value]
+        })
+    };
+    assert!(row("delivered", "98"), "{text}");
+    assert!(row("rejected.not_a_mux", "2"), "{text}");
+    assert!(row("a_counter_added_later", "4242"), "{text}");
+    assert!(
+        text.contains("addresses: 198.18.21.2, 2001:db8:21::2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("1024-1031, 2048-2055 (2 ranges, 16 ports)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("1024-1031, 2048-2055, 4096-4103, … (4 ranges, 40 ports)"),
+        "hundreds of ranges are abbreviated: {text}"
+    );
+}
+
+#[test]
+fn status_of_a_sidecar_is_a_table_of_its_checks() {
+    let node = canned_node(serde_json::json!({
+        "ok": true, "role": "healthcheck", "node": "mux1", "config": "/etc/lb/mux1.toml",
+        "muxes": [{"socket": "/run/lb/mux1.sock", "connected": true, "full_syncs": 1,
+                   "updates": 4, "last_error": null}],
+        "bgp": null,
+        "backends": [
+            {"vip": "web", "backend": "198.18.21.2", "healthy": true,
+             "service": {"healthy": true, "last_success": true, "last_latency_ms": 1.25,
+                         "transitions": 0},
+             "agent": null},
+            {"vip": "web", "backend": "198.18.22.2", "healthy": false,
+             "service": {"healthy": false, "last_success": false,
+                         "last_error": "connection refused", "transitions": 1},
+             "agent": null},
+        ],
+    }));
+    let o = lb(&["status", "--socket", &node.socket]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(!text.contains('{') && !text.contains('"'), "{text}");
+    assert!(text.contains("up, ok 1.2 ms, 0 transitions"), "{text}");
+    assert!(
+        text.contains("UNHEALTHY") && text.contains("fail (connection refused)"),
+        "{text}"
+    );
+    assert!(!text.contains("BGP"), "{text}");
+}
+
+#[test]
+fn ctl_says_what_changed_and_json_gives_the_answer() {
+    let node = canned_node(serde_json::json!({"ok": true, "changed": true, "generation": 7}));
+    let o = lb(&[
+        "ctl",
+        "--socket",
+        &node.socket,
+        "drain",
+        "198.18.21.2",
+        "--vip",
+        "web",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "generation 7: backend 198.18.21.2 drained in VIP web\n"
+    );
+    assert_eq!(
+        node.requests.lock().unwrap()[0],
+        serde_json::json!({"command": "drain", "backend": "198.18.21.2", "vip": "web"})
+    );
+    let o = lb(&[
+        "ctl",
+        "--socket",
+        &node.socket,
+        "set-health",
+        "198.18.21.2",
+        "unhealthy",
+    ]);
+    assert_eq!(
+        stdout(&o),
+        "generation 7: backend 198.18.21.2 marked unhealthy in every VIP that has it\n"
+    );
+    let o = lb(&["ctl", "--json", "--socket", &node.socket, "reload"]);
+    assert_eq!(
+        json(&o),
+        serde_json::json!({"ok": true, "changed": true, "generation": 7})
+    );
+    let o = lb(&["ctl", "--socket", &node.socket, "reload"]);
+    assert_eq!(stdout(&o), "config reloaded: generation 7\n");
+
+    let unchanged = canned_node(serde_json::json!({"ok": true, "changed": false, "generation": 7}));
+    let o = lb(&[
+        "ctl",
+        "--socket",
+        &unchanged.socket,
+        "undrain",
+        "198.18.21.2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "nothing changed: generation 7 stays in force\n");
+
+    let refused = canned_node(serde_json::json!({"ok": false, "error": "no VIP named \"www\""}));
+    let o = lb(&[
+        "ctl",
+        "--socket",
+        &refused.socket,
+        "drain",
+        "198.18.21.2",
+        "--vip",
+        "www",
+    ]);
+    assert_clean_failure(&o);
+    assert_eq!(stdout(&o), "");
+    assert!(
+        stderr(&o).contains("no VIP named \"www\""),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// An HTTP server on loopback that answers every request with `status` and `body`.
+fn http_answering(status: &'static str, body: &'static str) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let _ = write!(
+                stream,
+                "HTTP/1.0 {status}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    address
+}
+
+#[test]
+fn lab_get_fails_on_an_answer_other_than_200() {
+    let o = lb(&[
+        "lab",
+        "get",
+        &http_answering("500 Internal Server Error", ""),
+    ]);
+    assert_clean_failure(&o);
+    assert_eq!(stdout(&o), "");
+    assert!(
+        stderr(&o).contains("500 Internal Server Error"),
+        "{}",
+        stderr(&o)
+    );
+    let o = lb(&["lab", "get", &http_answering("200 OK", "be2\n")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "be2\n");
+}
+
+#[test]
+fn logs_have_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("mux.sock");
+    // Loads the config (logging what it publishes), then fails to open the interface.
+    let o = Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args([
+            "mux",
+            "--no-metrics",
+            "--config",
+            &config_path("single-node.toml"),
+        ])
+        .arg("--socket")
+        .arg(&socket)
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    let log = stderr(&o);
+    assert!(log.contains("published"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escape codes in a log file: {log:?}"
     );
 }

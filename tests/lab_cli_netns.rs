@@ -1,7 +1,8 @@
 //! `lb lab up|status|down` as an operator runs them (root): a persistent lab survives the
 //! command that built it, serves real HTTP through its muxes, `up` again changes nothing,
 //! `down` removes every namespace and process it made (and only those), and a namespace the
-//! lab did not make is never touched.
+//! lab did not make is never touched. `lb lab demo` stopped by Ctrl-C (SIGINT to its process
+//! group) or by SIGTERM to it alone removes its namespaces, processes and directory.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -157,4 +158,114 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = lb(&["lab", "down", "--name", &self.0]);
     }
+}
+
+/// Starts `lb lab demo` (a long live view, so the lab is still up when the signal comes) in its
+/// own process group, as a shell starts a foreground job; returns it once the lab is up, with
+/// its output so far.
+fn demo_until_up() -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(["lab", "demo", "--seconds", "60"])
+        .process_group(0)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the lb binary runs");
+    let stdout = demo.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Reads to the end: a closed pipe would end the demo before the signal.
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.starts_with("up in") {
+                    return (demo, seen);
+                }
+            }
+            Err(_) => {
+                let _ = demo.kill();
+                let out = demo.wait_with_output().unwrap();
+                panic!("the demo's lab did not come up:\n{seen}{}", text(&out));
+            }
+        }
+    }
+}
+
+/// Sends `signal` to the started demo (`group`: to its whole process group, as a terminal's
+/// Ctrl-C does) and checks that it exits with 128 + signal, leaving no namespace, directory
+/// or process of its lab behind.
+fn interrupt_demo(signal: i32, group: bool) {
+    let (demo, seen) = demo_until_up();
+    let pid = demo.id();
+    let prefix = format!("lbt-demo-{pid}-");
+    assert!(!namespaces(&prefix).is_empty(), "{seen}");
+    let dirs = || -> Vec<String> {
+        std::fs::read_dir(std::env::temp_dir())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&prefix))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let dir = std::env::temp_dir().join(dirs().first().expect("the lab's directory"));
+    let dir = dir.to_string_lossy().into_owned();
+    assert!(processes_with(&dir) >= 6, "muxes, sidecars, agents run");
+    let target = if group { -(pid as i32) } else { pid as i32 };
+    // SAFETY: kill has no memory-safety preconditions; the target is the process (group) this
+    // test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(target, signal) }, 0);
+    let out = wait_with_timeout(demo, std::time::Duration::from_secs(30));
+    assert_eq!(
+        out.status.code(),
+        Some(128 + signal),
+        "{seen}{}",
+        text(&out)
+    );
+    assert!(namespaces(&prefix).is_empty(), "{:?}", namespaces(&prefix));
+    assert!(dirs().is_empty(), "{:?}", dirs());
+    assert_eq!(processes_with(&dir), 0, "a lab process outlived the demo");
+}
+
+/// The child's output once it exits; kills it (and fails) if it takes longer than `timeout`.
+fn wait_with_timeout(mut child: std::process::Child, timeout: std::time::Duration) -> Output {
+    let deadline = std::time::Instant::now() + timeout;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("the demo did not exit after the signal:\n{}", text(&out));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn ctrl_c_during_the_demo_removes_its_namespaces_processes_and_directory() {
+    require_root(
+        "lab_cli_netns::ctrl_c_during_the_demo_removes_its_namespaces_processes_and_directory",
+    );
+    interrupt_demo(libc::SIGINT, true);
+}
+
+#[test]
+fn sigterm_to_the_demo_alone_removes_its_namespaces_processes_and_directory() {
+    require_root(
+        "lab_cli_netns::sigterm_to_the_demo_alone_removes_its_namespaces_processes_and_directory",
+    );
+    interrupt_demo(libc::SIGTERM, false);
 }

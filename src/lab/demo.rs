@@ -1,6 +1,8 @@
 //! `lb lab demo` and `lb lab experiment`: a temporary lab, live traffic shown per mux and per
 //! backend, the experiments one by one, and the results table; the lab is removed at the end
-//! (also on an error or a panic: it is an RAII [`Lab`]).
+//! (also on an error or a panic: it is an RAII [`Lab`]; and on SIGINT, SIGTERM or SIGHUP once
+//! the command has called [`crate::netns::remove_labs_on_signal`], as `lb lab demo` and `lb lab
+//! experiment` do).
 //!
 //! Invariant: everything the demo builds lives in `lbt-demo-*` namespaces that its [`Lab`]
 //! removes; traffic is bounded in time (see [`crate::lab::traffic`]).

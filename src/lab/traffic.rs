@@ -53,8 +53,9 @@ pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 pub const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n";
 
 /// One HTTP/1.0 `GET path` to `target` on a new connection (5 s to connect, 5 s to answer);
-/// returns the body of the answer, trimmed. For one-off requests (`lb lab get`, the SNAT
-/// experiment's `/whoami`); the load generator is [`TcpLoad`].
+/// returns the body of a `200` answer, trimmed. Any other status is an error that carries the
+/// status line and the body. For one-off requests (`lb lab get`, the SNAT experiment's
+/// `/whoami`); the load generator is [`TcpLoad`].
 pub fn http_get(target: SocketAddr, path: &str) -> io::Result<String> {
     let timeout = Duration::from_secs(5);
     let mut c = TcpStream::connect_timeout(&target, timeout)?;
@@ -62,12 +63,21 @@ pub fn http_get(target: SocketAddr, path: &str) -> io::Result<String> {
     write!(c, "GET {path} HTTP/1.0\r\nHost: lab\r\n\r\n")?;
     let mut answer = String::new();
     c.read_to_string(&mut answer)?;
-    let (_, body) = answer.split_once("\r\n\r\n").ok_or_else(|| {
+    let not_http = || {
         io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("not an HTTP answer: {answer:?}"),
+            format!("{target}: not an HTTP answer: {answer:?}"),
         )
-    })?;
+    };
+    let (head, body) = answer.split_once("\r\n\r\n").ok_or_else(not_http)?;
+    let status_line = head.lines().next().unwrap_or_default();
+    let code = status_line.split(' ').nth(1).ok_or_else(not_http)?;
+    if code != "200" {
+        return Err(io::Error::other(format!(
+            "{target}{path}: {status_line}: {:?}",
+            body.trim()
+        )));
+    }
     Ok(body.trim().to_owned())
 }
 
