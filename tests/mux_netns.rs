@@ -339,6 +339,23 @@ fn every_flow_reaches_the_same_backend_through_either_mux_in_both_encaps() {
     }
 }
 
+/// A fleet of one mux (weights 1, 1) and two backends, in a lab tagged `tag`.
+fn one_mux_fleet(tag: &str) -> (Lab, Fleet, RunningMux) {
+    let mut lab = Lab::new(tag).unwrap();
+    let fleet = Fleet::build(
+        &mut lab,
+        &FleetPlan {
+            muxes: 1,
+            backends: 2,
+            resilient: false,
+            ipv6: false,
+        },
+    )
+    .unwrap();
+    let mux = start_mux(&mut lab, &fleet.muxes[0], 1, &[1, 1]);
+    (lab, fleet, mux)
+}
+
 /// Sends `packets` sequenced datagrams (4-byte big-endian sequence numbers) from the client's
 /// port `sport` to the VIP's echo port, 1000 a second.
 fn sequenced_udp(client: &Namespace, sport: u16, packets: u32) -> std::thread::JoinHandle<()> {
@@ -396,18 +413,7 @@ fn a_config_rewritten_slowly_under_load_loses_nothing_and_a_fifo_wedges_nothing(
     require_root(
         "mux_netns::a_config_rewritten_slowly_under_load_loses_nothing_and_a_fifo_wedges_nothing",
     );
-    let mut lab = Lab::new("muxslow").unwrap();
-    let fleet = Fleet::build(
-        &mut lab,
-        &FleetPlan {
-            muxes: 1,
-            backends: 2,
-            resilient: false,
-            ipv6: false,
-        },
-    )
-    .unwrap();
-    let mux = start_mux(&mut lab, &fleet.muxes[0], 1, &[1, 1]);
+    let (mut lab, fleet, mux) = one_mux_fleet("muxslow");
     let text = std::fs::read_to_string(&mux.config).unwrap();
     let captures = capture_all(&fleet);
     const PACKETS: u32 = 4000;
@@ -460,18 +466,7 @@ fn a_config_rewritten_slowly_under_load_loses_nothing_and_a_fifo_wedges_nothing(
 #[test]
 fn a_hundred_reloads_under_load_lose_and_reorder_nothing() {
     require_root("mux_netns::a_hundred_reloads_under_load_lose_and_reorder_nothing");
-    let mut lab = Lab::new("muxreload").unwrap();
-    let fleet = Fleet::build(
-        &mut lab,
-        &FleetPlan {
-            muxes: 1,
-            backends: 2,
-            resilient: false,
-            ipv6: false,
-        },
-    )
-    .unwrap();
-    let mux = start_mux(&mut lab, &fleet.muxes[0], 1, &[1, 1]);
+    let (mut lab, fleet, mux) = one_mux_fleet("muxreload");
     let config_a = mux_config(1, &mux.socket, &[1, 1]);
     let config_b = mux_config(1, &mux.socket, &[1, 3]);
     let captures = capture_all(&fleet);
