@@ -302,8 +302,19 @@ fn scenario(
         let s = status(socket);
         assert_eq!(s["healthy"], true, "{s}");
         assert!(s["counters"]["delivered"].as_u64().unwrap() > 0, "{s}");
-        for reason in ["malformed", "foreign_source", "unknown_vip"] {
-            assert_eq!(s["counters"]["rejected"][reason], 0, "{reason}: {s}");
+        for reason in [
+            "malformed",
+            "bad_checksum",
+            "foreign_source",
+            "unknown_vip",
+            "lookup_budget",
+            "relay_budget",
+        ] {
+            assert_eq!(
+                s["counters"][format!("rejected_{reason}")],
+                0,
+                "{reason}: {s}"
+            );
         }
         assert_eq!(s["counters"]["tun_errors"], 0, "{s}");
     }
@@ -362,7 +373,7 @@ fn ipv6_vips_through_two_muxes_over_ipv6_outer_headers() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let s = status(&agents[0]);
-        if s["counters"]["rejected"]["foreign_source"] == 1 {
+        if s["counters"]["rejected_foreign_source"] == 1 {
             break;
         }
         assert!(Instant::now() < deadline, "spoofed packet not counted: {s}");

@@ -69,10 +69,21 @@ pub struct AgentConfig {
     /// the muxes' (`node.chain_window_seconds`): they name a previous backend only within it.
     #[serde(default = "default_true")]
     pub chaining: bool,
-    /// Egress SNAT: destinations ("the Internet") whose connections from this host's own
-    /// address leave with a VIP as source. The agent steers them into its TUN by policy
-    /// routing (`ip rule from <address> to <prefix> lookup 4242`, a default route into the TUN
-    /// in table 4242). Empty: no egress SNAT from this host.
+    /// Daisy chaining's budget of kernel socket lookups (sock_diag) per second, a token bucket
+    /// holding one second's worth. A chaining candidate found in neither answer cache while the
+    /// bucket is empty is dropped and counted (`lookup_budget`): a flood of spoofed non-SYN
+    /// segments costs at most this many lookups a second.
+    #[serde(default = "default_chain_lookups_per_second")]
+    pub chain_lookups_per_second: u32,
+    /// Daisy chaining's budget of packets sent on to a previous backend per second, a token
+    /// bucket holding one second's worth. Beyond it, packets to chain are dropped and counted
+    /// (`relay_budget`).
+    #[serde(default = "default_chain_relays_per_second")]
+    pub chain_relays_per_second: u32,
+    /// Egress SNAT: destinations ("the Internet") whose connections from this host leave with a
+    /// VIP as source. The agent steers them into its TUN by policy routing (table and priority
+    /// 4242; IPv4: `from <address> to <prefix>`, IPv6: every local socket `to <prefix>` but
+    /// those with a VIP as source). Empty: no egress SNAT from this host.
     #[serde(default)]
     pub egress: Vec<ipnet::IpNet>,
     /// Where the agent answers `GET /healthz` (200 while its packet loop runs, 503 otherwise),
@@ -341,6 +352,16 @@ fn default_tun() -> String {
 }
 fn default_true() -> bool {
     true
+}
+/// Default of `agent.chain_lookups_per_second`.
+pub const DEFAULT_CHAIN_LOOKUPS_PER_SECOND: u32 = 2_000;
+/// Default of `agent.chain_relays_per_second`.
+pub const DEFAULT_CHAIN_RELAYS_PER_SECOND: u32 = 10_000;
+fn default_chain_lookups_per_second() -> u32 {
+    DEFAULT_CHAIN_LOOKUPS_PER_SECOND
+}
+fn default_chain_relays_per_second() -> u32 {
+    DEFAULT_CHAIN_RELAYS_PER_SECOND
 }
 fn default_chain_window() -> u32 {
     30
@@ -896,6 +917,24 @@ impl AgentConfig {
                 "list the muxes' addresses or prefixes: encapsulated packets from anywhere else are dropped".into(),
             );
         }
+        for (field, value) in [
+            (
+                "agent.chain_lookups_per_second",
+                self.chain_lookups_per_second,
+            ),
+            (
+                "agent.chain_relays_per_second",
+                self.chain_relays_per_second,
+            ),
+        ] {
+            if value == 0 {
+                fail(
+                    field.into(),
+                    "must be at least 1 (to turn daisy chaining off, set agent.chaining = false)"
+                        .into(),
+                );
+            }
+        }
         for (i, net) in self.muxes.iter().enumerate() {
             if net.prefix_len() == 0 {
                 fail(
@@ -1387,6 +1426,18 @@ mod tests {
         assert_eq!(p.field, "agent.muxes");
         let p = only_problem(&agent.replace("198.18.11.0/24", "0.0.0.0/0"));
         assert_eq!(p.field, "agent.muxes[0]");
+        assert_eq!(
+            (a.chain_lookups_per_second, a.chain_relays_per_second),
+            (
+                DEFAULT_CHAIN_LOOKUPS_PER_SECOND,
+                DEFAULT_CHAIN_RELAYS_PER_SECOND
+            )
+        );
+        let p = only_problem(&agent.replace(
+            "[\"198.18.11.0/24\"]\n",
+            "[\"198.18.11.0/24\"]\nchain_relays_per_second = 0\n",
+        ));
+        assert_eq!(p.field, "agent.chain_relays_per_second");
         let p = only_problem(&format!("{agent}first_port = 1\n"));
         assert_eq!(p.field, "snat[0]", "port 80 lies in the SNAT space: {p:?}");
         let p = only_problem(&format!("{agent}range_size = 6\n"));

@@ -20,7 +20,11 @@
 //!    backend, set by a mux for a slot whose backend changed within its window. A TCP packet
 //!    that is not a SYN, for a connection this host does not have (the kernel's socket table,
 //!    asked through sock_diag), is sent on once to that previous backend, in GRE without a key,
-//!    so it cannot bounce again.
+//!    so it cannot bounce again. What asks the kernel ([`Connections`]) may answer "cannot
+//!    tell now": the packet is then dropped as [`Reject::LookupBudget`]. A SYN carrying a key
+//!    is delivered (the connection starts here) and [`Connections::connection_starts`] is told.
+//!    The costs a flood of spoofed non-SYN segments could impose here are bounded by
+//!    [`crate::chain_guard`].
 //! 5. Otherwise it is delivered: written into the TUN.
 //!
 //! **Production alternative.** On hosts whose kernel has ipip/gre devices, the kernel can
@@ -37,7 +41,7 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 use lb_core::config::Config;
 use lb_core::encap::{DecapError, decapsulate};
-use lb_core::packet::{self, Kind, Link};
+use lb_core::packet::{self, Kind, Link, ParseError};
 use lb_core::snapshot::backend_tag;
 
 /// Why the agent refused a tunnel packet.
@@ -45,34 +49,88 @@ use lb_core::snapshot::backend_tag;
 pub enum Reject {
     /// The tunnel or inner packet is malformed or truncated.
     Malformed,
+    /// The outer (or the inner) IPv4 header checksum is wrong.
+    BadChecksum,
     /// The outer source is not a configured mux.
     ForeignSource,
     /// The inner destination is not a configured VIP.
     UnknownVip,
+    /// A chaining candidate needed a kernel socket lookup, and this second's lookup budget
+    /// (`agent.chain_lookups_per_second`) was spent: dropped (the sender retransmits).
+    LookupBudget,
+    /// A packet to chain, and this second's relay budget (`agent.chain_relays_per_second`) was
+    /// spent: dropped.
+    RelayBudget,
 }
 
 impl Reject {
     /// Every reason, in counter order.
-    pub const ALL: [Self; 3] = [Self::Malformed, Self::ForeignSource, Self::UnknownVip];
+    pub const ALL: [Self; 6] = [
+        Self::Malformed,
+        Self::BadChecksum,
+        Self::ForeignSource,
+        Self::UnknownVip,
+        Self::LookupBudget,
+        Self::RelayBudget,
+    ];
 
     /// Its position in [`Reject::ALL`] (and in the counters).
     #[must_use]
     pub fn index(self) -> usize {
         match self {
             Self::Malformed => 0,
-            Self::ForeignSource => 1,
-            Self::UnknownVip => 2,
+            Self::BadChecksum => 1,
+            Self::ForeignSource => 2,
+            Self::UnknownVip => 3,
+            Self::LookupBudget => 4,
+            Self::RelayBudget => 5,
         }
     }
 
-    /// The counter's name (`lb_agent_rejected_total{reason="…"}`).
+    /// Its key in `lb status` (`counters.rejected_…`).
+    #[must_use]
+    pub fn status_key(self) -> &'static str {
+        match self {
+            Self::Malformed => "rejected_malformed",
+            Self::BadChecksum => "rejected_bad_checksum",
+            Self::ForeignSource => "rejected_foreign_source",
+            Self::UnknownVip => "rejected_unknown_vip",
+            Self::LookupBudget => "rejected_lookup_budget",
+            Self::RelayBudget => "rejected_relay_budget",
+        }
+    }
+
+    /// The counter's name (`lb_agent_rejected_total{reason="…"}`, `rejected_…` in status).
     #[must_use]
     pub fn name(self) -> &'static str {
         match self {
             Self::Malformed => "malformed",
+            Self::BadChecksum => "bad_checksum",
             Self::ForeignSource => "foreign_source",
             Self::UnknownVip => "unknown_vip",
+            Self::LookupBudget => "lookup_budget",
+            Self::RelayBudget => "relay_budget",
         }
+    }
+}
+
+/// What [`classify`] asks about this host's TCP connections.
+pub trait Connections {
+    /// Whether this host has a TCP connection with that local (VIP) and remote (client) end:
+    /// `None` when it cannot tell now (the lookup budget is spent).
+    fn has_connection(&mut self, local: SocketAddr, remote: SocketAddr) -> Option<bool>;
+
+    /// A SYN of that pair, carrying a previous backend, is being delivered here: the connection
+    /// starts on this host, so an earlier "absent" answer is stale.
+    fn connection_starts(&mut self, local: SocketAddr, remote: SocketAddr) {
+        let _ = (local, remote);
+    }
+}
+
+/// A plain function answers every question (tests, or no budget).
+impl<F: FnMut(SocketAddr, SocketAddr) -> bool> Connections for F {
+    fn has_connection(&mut self, local: SocketAddr, remote: SocketAddr) -> Option<bool> {
+        Some(self(local, remote))
     }
 }
 
@@ -170,23 +228,28 @@ impl Policy {
     }
 }
 
-/// Decides what to do with `packet` (starting at its outer IP header). `has_connection(local,
-/// remote)` answers whether this host has a TCP connection with that local (VIP) and remote
-/// (client) end; it is asked only for chaining candidates.
+/// Decides what to do with `packet` (starting at its outer IP header). `connections` answers
+/// whether this host has a TCP connection with a local (VIP) and remote (client) end; it is
+/// asked only for chaining candidates, and told of SYNs that carry a previous backend.
 pub fn classify<'a>(
     packet: &'a [u8],
     policy: &Policy,
-    has_connection: &mut dyn FnMut(SocketAddr, SocketAddr) -> bool,
+    connections: &mut dyn Connections,
 ) -> Verdict<'a> {
     let tunnel = match decapsulate(packet) {
         Ok(t) => t,
         Err(DecapError::OuterNotIp { .. } | DecapError::UnsupportedProtocol { .. }) => {
             return Verdict::NotOurs;
         }
-        Err(_) => {
+        Err(e) => {
             // Malformed, but only ours to count if it was addressed to us.
+            let reason = if matches!(e, DecapError::OuterChecksum { .. }) {
+                Reject::BadChecksum
+            } else {
+                Reject::Malformed
+            };
             return match outer_destination(packet) {
-                Some(dst) if policy.addresses.contains(&dst) => Verdict::Reject(Reject::Malformed),
+                Some(dst) if policy.addresses.contains(&dst) => Verdict::Reject(reason),
                 _ => Verdict::NotOurs,
             };
         }
@@ -202,8 +265,10 @@ pub fn classify<'a>(
     if !from_mux && !chained_here {
         return Verdict::Reject(Reject::ForeignSource);
     }
-    let Ok(inner) = packet::parse(tunnel.inner, Link::Ip) else {
-        return Verdict::Reject(Reject::Malformed);
+    let inner = match packet::parse(tunnel.inner, Link::Ip) {
+        Ok(inner) => inner,
+        Err(ParseError::BadChecksum { .. }) => return Verdict::Reject(Reject::BadChecksum),
+        Err(_) => return Verdict::Reject(Reject::Malformed),
     };
     let Some(inner_flow) = inner.kind.flow() else {
         return Verdict::Reject(Reject::Malformed);
@@ -223,14 +288,21 @@ pub fn classify<'a>(
     let Kind::Transport { flow, syn } = inner.kind else {
         return Verdict::Deliver(inner.ip);
     };
-    if flow.protocol() != lb_core::flow::PROTO_TCP || syn {
-        // A SYN starts a connection here; UDP has no connection to look up.
+    if flow.protocol() != lb_core::flow::PROTO_TCP {
+        // UDP has no connection to look up.
         return Verdict::Deliver(inner.ip);
     }
     let local = SocketAddr::new(flow.dst(), flow.dst_port());
     let remote = SocketAddr::new(flow.src(), flow.src_port());
-    if has_connection(local, remote) {
+    if syn {
+        // A SYN starts a connection here.
+        connections.connection_starts(local, remote);
         return Verdict::Deliver(inner.ip);
+    }
+    match connections.has_connection(local, remote) {
+        Some(true) => return Verdict::Deliver(inner.ip),
+        Some(false) => {}
+        None => return Verdict::Reject(Reject::LookupBudget),
     }
     match policy.previous.get(&tag) {
         Some(&to) => Verdict::Chain {
@@ -243,6 +315,48 @@ pub fn classify<'a>(
 
 fn outer_destination(packet: &[u8]) -> Option<IpAddr> {
     crate::device::ip_destination(packet)
+}
+
+/// What a received frame that [`packet::parse`] refused with `error` counts as: a rejected
+/// tunnel packet when its IP header names one of this host's addresses and a tunnel protocol
+/// (4, 41, 47) — a wrong IPv4 header checksum as [`Reject::BadChecksum`], anything else as
+/// [`Reject::Malformed`] — and `None` (the host's business, not counted here) otherwise.
+#[must_use]
+pub fn unparsed(frame: &[u8], link: Link, error: ParseError, policy: &Policy) -> Option<Reject> {
+    let ip = frame_ip(frame, link)?;
+    let protocol = match ip.first()? >> 4 {
+        4 => *ip.get(9)?,
+        6 => *ip.get(6)?,
+        _ => return None,
+    };
+    if !matches!(protocol, 4 | 41 | 47) {
+        return None;
+    }
+    let dst = crate::device::ip_destination(ip)?;
+    if !policy.addresses.contains(&dst) {
+        return None;
+    }
+    Some(match error {
+        ParseError::BadChecksum { .. } => Reject::BadChecksum,
+        _ => Reject::Malformed,
+    })
+}
+
+/// Where the IP header starts in `frame`: after an Ethernet header and up to two VLAN tags.
+fn frame_ip(frame: &[u8], link: Link) -> Option<&[u8]> {
+    if link == Link::Ip {
+        return Some(frame);
+    }
+    let mut at = 12;
+    for _ in 0..3 {
+        let ethertype = u16::from_be_bytes(frame.get(at..at + 2)?.try_into().ok()?);
+        match ethertype {
+            0x8100 | 0x88a8 => at += 4,
+            packet::ETHERTYPE_IPV4 | packet::ETHERTYPE_IPV6 => return frame.get(at + 2..),
+            _ => return None,
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -308,7 +422,7 @@ mod tests {
     }
 
     fn run(packet: &[u8], policy: &Policy, local: bool) -> Owned {
-        match classify(packet, policy, &mut |_, _| local) {
+        match classify(packet, policy, &mut |_: SocketAddr, _: SocketAddr| local) {
             Verdict::NotOurs => Owned::NotOurs,
             Verdict::Reject(r) => Owned::Reject(r),
             Verdict::Deliver(p) => Owned::Deliver(p.to_vec()),
@@ -344,12 +458,20 @@ mod tests {
         let mut broken = ok.clone();
         broken.truncate(30);
         broken[2..4].copy_from_slice(&30u16.to_be_bytes());
+        // With a right header checksum: malformed, not a checksum error.
+        broken[10..12].fill(0);
+        let sum = broken[..20]
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum::<u32>();
+        let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+        broken[10..12].copy_from_slice(&sum.to_be_bytes());
         assert_eq!(
             run(&broken, &policy, false),
             Owned::Reject(Reject::Malformed)
         );
         for n in 0..ok.len() {
-            let _ = classify(&ok[..n], &policy, &mut |_, _| false);
+            let _ = classify(&ok[..n], &policy, &mut |_: SocketAddr, _: SocketAddr| false);
         }
     }
 
@@ -416,7 +538,91 @@ mod tests {
     fn reject_reasons_are_indexed_in_order() {
         for (i, r) in Reject::ALL.iter().enumerate() {
             assert_eq!(r.index(), i, "{r:?}");
+            assert_eq!(r.status_key(), format!("rejected_{}", r.name()));
         }
+    }
+
+    #[test]
+    fn bad_checksums_and_spent_budgets_are_rejected_with_their_reason() {
+        let policy = Policy::from_config(&config(true)).unwrap();
+        let inner = tcp(VIP, true);
+        let mut bad = tunnel(&inner, MUX, ME, None);
+        bad[10] ^= 0xff;
+        assert_eq!(
+            run(&bad, &policy, false),
+            Owned::Reject(Reject::BadChecksum)
+        );
+        let mut bad_inner = inner.clone();
+        bad_inner[10] ^= 0xff;
+        assert_eq!(
+            run(&tunnel(&bad_inner, MUX, ME, None), &policy, false),
+            Owned::Reject(Reject::BadChecksum)
+        );
+        // A candidate the connection table cannot answer now is dropped.
+        let previous = backend_tag(OTHER.parse().unwrap());
+        let keyed = tunnel(&tcp(VIP, false), MUX, ME, Some(previous));
+        struct Spent(u32);
+        impl Connections for Spent {
+            fn has_connection(&mut self, _: SocketAddr, _: SocketAddr) -> Option<bool> {
+                None
+            }
+            fn connection_starts(&mut self, _: SocketAddr, _: SocketAddr) {
+                self.0 += 1;
+            }
+        }
+        let mut spent = Spent(0);
+        assert_eq!(
+            classify(&keyed, &policy, &mut spent),
+            Verdict::Reject(Reject::LookupBudget)
+        );
+        let syn = tunnel(&tcp(VIP, true), MUX, ME, Some(previous));
+        assert!(matches!(
+            classify(&syn, &policy, &mut spent),
+            Verdict::Deliver(_)
+        ));
+        assert_eq!(spent.0, 1, "a keyed SYN is reported");
+    }
+
+    #[test]
+    fn unparsable_frames_count_only_when_they_are_tunnel_packets_for_this_host() {
+        let policy = Policy::from_config(&config(true)).unwrap();
+        let mut frame = vec![0u8; 12];
+        frame.extend_from_slice(&0x0800u16.to_be_bytes());
+        let mut ip = tunnel(&tcp(VIP, false), MUX, ME, None);
+        ip[10] ^= 0xff;
+        frame.extend_from_slice(&ip);
+        let error = packet::parse(&frame, Link::Ethernet).unwrap_err();
+        assert!(matches!(error, ParseError::BadChecksum { .. }));
+        assert_eq!(
+            unparsed(&frame, Link::Ethernet, error, &policy),
+            Some(Reject::BadChecksum)
+        );
+        assert_eq!(
+            unparsed(&ip, Link::Ip, error, &policy),
+            Some(Reject::BadChecksum)
+        );
+        let truncated = ParseError::Malformed {
+            layer: packet::Layer::Ip,
+        };
+        assert_eq!(
+            unparsed(&ip, Link::Ip, truncated, &policy),
+            Some(Reject::Malformed)
+        );
+        // With a VLAN tag.
+        let mut tagged = frame[..12].to_vec();
+        tagged.extend_from_slice(&[0x81, 0x00, 0, 7]);
+        tagged.extend_from_slice(&frame[12..]);
+        assert_eq!(
+            unparsed(&tagged, Link::Ethernet, error, &policy),
+            Some(Reject::BadChecksum)
+        );
+        // Plain TCP to this host, or a tunnel packet to another: the host's business.
+        let plain = tcp([198, 18, 21, 2], false);
+        assert_eq!(unparsed(&plain, Link::Ip, error, &policy), None);
+        let elsewhere = tunnel(&tcp(VIP, false), MUX, OTHER, None);
+        assert_eq!(unparsed(&elsewhere, Link::Ip, error, &policy), None);
+        assert_eq!(unparsed(&[], Link::Ethernet, error, &policy), None);
+        assert_eq!(unparsed(&[0u8; 14], Link::Ethernet, error, &policy), None);
     }
 
     #[test]

@@ -1,17 +1,24 @@
 //! `lb agent` as a process: the receive loop around [`crate::agent::classify`], the TUN, the
-//! chaining transmitter, the control socket and the metrics.
+//! chaining transmitter, egress SNAT, the control socket and the metrics.
 //!
 //! One thread receives (an AF_PACKET ring on `node.interface`), decides, writes delivered
-//! packets into the TUN and queues chained ones, flushing them once per batch. Counters are
-//! published every [`crate::worker::REPORT_INTERVAL`] for `lb status` and metrics.
+//! packets into the TUN and queues chained ones, flushing them once per batch. Another reads what
+//! the kernel routes into the TUN (egress connections) and translates it. Counters are
+//! published every [`crate::worker::REPORT_INTERVAL`].
 //!
-//! **Invariants.** The receive loop never waits for a reader of its counters (`try_lock`);
-//! sock_diag answers are cached (present for a minute, absent for 200 ms), so a connection costs
-//! a netlink round trip now and then, not one per packet; SIGHUP or a changed file reloads the
-//! VIPs, muxes and peers between batches (a bad file is logged, the old config kept);
-//! SIGTERM/SIGINT stop it after its batch, exit 0.
+//! **Counters.** One set, [`AgentCounters`], feeds both `lb status` (`counters`, a flat object)
+//! and the metrics: [`AgentCounters::rows`] names each counter's status key and Prometheus
+//! series, and both are written from it, so they cannot disagree (beyond the exporter's refresh
+//! interval).
+//!
+//! **Invariants.** The receive loop never waits for a reader of its counters (`try_lock`); what
+//! daisy chaining may cost is bounded by [`crate::chain_guard`] (answer caches, a lookup budget
+//! and a relay budget, every refusal counted); SIGHUP or a changed file reloads the VIPs, muxes,
+//! peers, chaining budgets and the IPv6 egress exceptions between batches (a bad file is logged,
+//! the old config kept); SIGTERM/SIGINT stop it after its batch, exit 0. A start after a crash
+//! needs no cleaning up: stale egress rules are replaced ([`crate::egress`]), a stale control
+//! socket is replaced ([`crate::socket`]), and the TUN went with the crashed process.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,21 +32,28 @@ use lb_core::packet;
 use serde_json::{Value, json};
 
 use crate::afpacket::{AfPacketReceiver, RingConfig};
-use crate::agent::{Policy, Reject, Verdict, classify};
+use crate::agent::{Policy, Reject, Verdict, classify, unparsed};
+use crate::chain_guard::{Asking, ChainBudget, ChainGuard};
 use crate::device::{Receiver, Transmitter};
+use crate::egress::{EGRESS_MARK, EgressRoutes, RefusedFlows, flow_of, is_egress, refusal};
 use crate::process::RunOptions;
 use crate::rawip::RawIpTransmitter;
 use crate::sockdiag::SockDiag;
 use crate::socket::{ControlHandler, ControlSocket};
 use crate::tun::Tun;
-use crate::worker::{BATCH_FRAMES, POLL_TIMEOUT, REPORT_INTERVAL};
+use crate::worker::{BATCH_FRAMES, POLL_TIMEOUT, REPORT_INTERVAL, monotonic_ns};
 use lb_core::snat::{PortRanges, SnatError, SnatTable, SnatTableConfig};
+
+pub use crate::egress::EGRESS_TABLE;
 
 /// The agent's counters, cumulative.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AgentCounters {
     /// Frames received on the interface.
     pub frames: u64,
+    /// Frames the kernel dropped at the receive ring before the agent saw them (ring full:
+    /// `PACKET_STATISTICS`).
+    pub kernel_drops: u64,
     /// Inner packets written into the TUN.
     pub delivered: u64,
     /// Of those, packets that named a previous backend this host does not know.
@@ -54,21 +68,173 @@ pub struct AgentCounters {
     pub tun_errors: u64,
     /// Chained packets the kernel refused to send.
     pub chain_send_failed: u64,
-    /// sock_diag queries made.
+    /// sock_diag queries made (daisy chaining).
     pub connection_lookups: u64,
+    /// Chaining candidates answered from the agent's caches, without a query.
+    pub connection_cache_hits: u64,
     /// Egress SNAT: outbound packets translated to a VIP source and sent.
     pub snat_outbound: u64,
     /// Egress SNAT: new port mappings.
     pub snat_new_mappings: u64,
-    /// Egress SNAT: outbound packets refused (no port left, not TCP/UDP, malformed).
+    /// Egress SNAT: outbound packets refused (no port left, not TCP/UDP, malformed, not sent).
     pub snat_outbound_failed: u64,
-    /// Of those, refused because this host's port ranges were exhausted.
+    /// Egress SNAT: connections refused because no port was free (this host's ranges exhausted
+    /// toward the destination, or its table full), each answered with an ICMP error so that it
+    /// fails at once. Counted once per connection, not per packet.
     pub snat_exhausted: u64,
     /// Egress SNAT: return packets translated back and delivered.
     pub snat_inbound: u64,
     /// Egress SNAT: return packets to one of this host's ports with no mapping (expired, or
     /// never made): dropped.
     pub snat_inbound_misses: u64,
+    /// Packets the kernel routed into the TUN that are not egress traffic (the TUN's own IPv6
+    /// router solicitations and multicast-listener reports, multicast, broadcast): ignored.
+    pub tun_ignored: u64,
+}
+
+/// Where one counter of [`AgentCounters`] shows: its key in `lb status` (`counters`) and its
+/// Prometheus series.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CounterSpec {
+    /// The key in the status answer's `counters` object.
+    pub key: &'static str,
+    /// The metric's name.
+    pub metric: &'static str,
+    /// Its one label, if any: (name, value).
+    pub label: Option<(&'static str, &'static str)>,
+}
+
+impl AgentCounters {
+    /// Every counter with where it shows, in status order. The one list both `lb status` and
+    /// the metrics are written from.
+    #[must_use]
+    pub fn rows(&self) -> Vec<(CounterSpec, u64)> {
+        let plain = |key, metric, value| {
+            (
+                CounterSpec {
+                    key,
+                    metric,
+                    label: None,
+                },
+                value,
+            )
+        };
+        let labelled = |key, metric, label, value| {
+            (
+                CounterSpec {
+                    key,
+                    metric,
+                    label: Some(label),
+                },
+                value,
+            )
+        };
+        let mut rows = vec![
+            plain("frames", "lb_agent_frames_total", self.frames),
+            plain(
+                "kernel_drops",
+                "lb_agent_kernel_drops_total",
+                self.kernel_drops,
+            ),
+            plain("delivered", "lb_agent_delivered_total", self.delivered),
+            plain(
+                "delivered_unknown_previous",
+                "lb_agent_delivered_unknown_previous_total",
+                self.delivered_unknown_previous,
+            ),
+            plain("chained", "lb_agent_chained_total", self.chained),
+            plain(
+                "delivered_chained",
+                "lb_agent_delivered_chained_total",
+                self.delivered_chained,
+            ),
+        ];
+        for r in Reject::ALL {
+            rows.push(labelled(
+                r.status_key(),
+                "lb_agent_rejected_total",
+                ("reason", r.name()),
+                self.rejected[r.index()],
+            ));
+        }
+        rows.extend([
+            plain("tun_errors", "lb_agent_tun_errors_total", self.tun_errors),
+            plain(
+                "chain_send_failed",
+                "lb_agent_chain_send_failed_total",
+                self.chain_send_failed,
+            ),
+            plain(
+                "connection_lookups",
+                "lb_agent_connection_lookups_total",
+                self.connection_lookups,
+            ),
+            plain(
+                "connection_cache_hits",
+                "lb_agent_connection_cache_hits_total",
+                self.connection_cache_hits,
+            ),
+            labelled(
+                "snat_outbound",
+                "lb_agent_snat_translations_total",
+                ("direction", "outbound"),
+                self.snat_outbound,
+            ),
+            labelled(
+                "snat_inbound",
+                "lb_agent_snat_translations_total",
+                ("direction", "inbound"),
+                self.snat_inbound,
+            ),
+            plain(
+                "snat_new_mappings",
+                "lb_agent_snat_new_mappings_total",
+                self.snat_new_mappings,
+            ),
+            plain(
+                "snat_outbound_failed",
+                "lb_agent_snat_outbound_failed_total",
+                self.snat_outbound_failed,
+            ),
+            plain(
+                "snat_exhausted",
+                "lb_agent_snat_exhausted_total",
+                self.snat_exhausted,
+            ),
+            plain(
+                "snat_inbound_misses",
+                "lb_agent_snat_inbound_misses_total",
+                self.snat_inbound_misses,
+            ),
+            plain(
+                "tun_ignored",
+                "lb_agent_tun_ignored_total",
+                self.tun_ignored,
+            ),
+        ]);
+        rows
+    }
+
+    /// The status answer's `counters` object: every counter by its key, a flat object of numbers.
+    #[must_use]
+    pub fn to_json(&self) -> Value {
+        Value::Object(
+            self.rows()
+                .into_iter()
+                .map(|(spec, n)| (spec.key.to_owned(), json!(n)))
+                .collect(),
+        )
+    }
+}
+
+/// The counters the TUN reader (egress SNAT, outbound) keeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct OutboundCounters {
+    snat_outbound: u64,
+    snat_new_mappings: u64,
+    snat_outbound_failed: u64,
+    snat_exhausted: u64,
+    tun_ignored: u64,
 }
 
 struct Shared {
@@ -76,6 +242,7 @@ struct Shared {
     addresses: Vec<IpAddr>,
     muxes: Vec<String>,
     tun: String,
+    /// The receive loop's counters (its outbound SNAT ones stay 0).
     counters: Mutex<AgentCounters>,
     heartbeat: Mutex<Option<Instant>>,
     shutdown: AtomicBool,
@@ -84,7 +251,7 @@ struct Shared {
     /// uncontended unless both directions are busy at once.
     snat: Mutex<Vec<SnatTable>>,
     /// Outbound SNAT counters, kept by the TUN reader.
-    snat_outbound: Mutex<AgentCounters>,
+    outbound: Mutex<OutboundCounters>,
 }
 
 impl ControlHandler for Shared {
@@ -104,17 +271,15 @@ impl ControlHandler for Shared {
 }
 
 impl Shared {
-    /// The receive loop's counters with the TUN reader's outbound SNAT ones.
+    /// Every counter: the receive loop's with the TUN reader's. What status and metrics show.
     fn counters(&self) -> AgentCounters {
         let mut c = *self.counters.lock().unwrap_or_else(PoisonError::into_inner);
-        let o = *self
-            .snat_outbound
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let o = *self.outbound.lock().unwrap_or_else(PoisonError::into_inner);
         c.snat_outbound = o.snat_outbound;
         c.snat_new_mappings = o.snat_new_mappings;
         c.snat_outbound_failed = o.snat_outbound_failed;
         c.snat_exhausted = o.snat_exhausted;
+        c.tun_ignored = o.tun_ignored;
         c
     }
 
@@ -135,11 +300,6 @@ impl Shared {
         let c = self.counters();
         let last_seen = self.last_seen();
         let healthy = self.healthy();
-        let rejected: serde_json::Map<String, Value> = Reject::ALL
-            .iter()
-            .zip(c.rejected)
-            .map(|(r, n)| (r.name().to_owned(), json!(n)))
-            .collect();
         json!({
             "ok": true,
             "role": "agent",
@@ -149,23 +309,7 @@ impl Shared {
             "tun": self.tun,
             "healthy": healthy,
             "last_seen_ms": last_seen.map(|d| d.as_millis() as u64),
-            "counters": {
-                "frames": c.frames,
-                "delivered": c.delivered,
-                "delivered_unknown_previous": c.delivered_unknown_previous,
-                "chained": c.chained,
-                "delivered_chained": c.delivered_chained,
-                "rejected": rejected,
-                "tun_errors": c.tun_errors,
-                "chain_send_failed": c.chain_send_failed,
-                "connection_lookups": c.connection_lookups,
-                "snat_outbound": c.snat_outbound,
-                "snat_new_mappings": c.snat_new_mappings,
-                "snat_outbound_failed": c.snat_outbound_failed,
-                "snat_exhausted": c.snat_exhausted,
-                "snat_inbound": c.snat_inbound,
-                "snat_inbound_misses": c.snat_inbound_misses,
-            },
+            "counters": c.to_json(),
             "snat": self.snat.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|t| {
                 let k = t.counters();
                 json!({
@@ -238,6 +382,38 @@ fn prepare_rp_filter(tun: &str) {
     }
 }
 
+/// A raw-IP transmitter whose packets carry [`EGRESS_MARK`], so egress steering leaves them
+/// alone (a failure to mark is logged: IPv6 egress to a peer or a translated packet would then
+/// be steered back into the TUN).
+fn marked_transmitter() -> Result<RawIpTransmitter, String> {
+    let mut tx = RawIpTransmitter::open(BATCH_FRAMES).map_err(|e| e.to_string())?;
+    if let Err(e) = tx.set_mark(EGRESS_MARK) {
+        tracing::warn!(error = %e, "cannot mark the agent's packets; IPv6 egress steering may catch them");
+    }
+    Ok(tx)
+}
+
+/// Every VIP and SNAT address of `config`: the sources of the servers' direct-server-return
+/// replies, which egress steering must leave alone.
+fn vip_addresses(config: &Config) -> Vec<IpAddr> {
+    config
+        .vips
+        .iter()
+        .map(|v| v.address)
+        .chain(config.snats.iter().map(|s| s.address))
+        .collect()
+}
+
+/// The policy-routing rules egress SNAT needs for `config`, with the SNAT families at start.
+fn egress_rules(
+    egress: &[ipnet::IpNet],
+    config: &Config,
+    policy: &Policy,
+    families: (bool, bool),
+) -> Vec<crate::egress::Rule> {
+    crate::egress::rules(egress, policy.addresses(), &vip_addresses(config), families)
+}
+
 /// Runs `lb agent` until SIGTERM or SIGINT.
 pub fn run(options: &RunOptions) -> Result<(), String> {
     let config = Config::load(&options.config).map_err(|e| e.to_string())?;
@@ -254,7 +430,7 @@ pub fn run(options: &RunOptions) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let tun = Tun::open(&agent.tun, true).map_err(|e| e.to_string())?;
     prepare_rp_filter(tun.name());
-    let mut tx = RawIpTransmitter::open(BATCH_FRAMES).map_err(|e| e.to_string())?;
+    let mut tx = marked_transmitter()?;
     let mut diag = SockDiag::open().map_err(|e| format!("sock_diag: {e}"))?;
     let _quiet = quiet_tunnel_protocols();
     let shared = Arc::new(Shared {
@@ -266,10 +442,28 @@ pub fn run(options: &RunOptions) -> Result<(), String> {
         heartbeat: Mutex::new(None),
         shutdown: AtomicBool::new(false),
         snat: Mutex::new(snat_tables(&config, &policy)),
-        snat_outbound: Mutex::new(AgentCounters::default()),
+        outbound: Mutex::new(OutboundCounters::default()),
     });
     let tun = Arc::new(tun);
-    let egress = EgressRoutes::install(&config, &shared, tun.name())?;
+    let families = {
+        let tables = shared.snat.lock().unwrap_or_else(PoisonError::into_inner);
+        (
+            tables.iter().any(|t| t.snat_address().is_ipv4()),
+            tables.iter().any(|t| t.snat_address().is_ipv6()),
+        )
+    };
+    for (v6, has) in [(false, families.0), (true, families.1)] {
+        if !has && agent.egress.iter().any(|p| p.addr().is_ipv6() == v6) {
+            return Err(format!(
+                "agent.egress lists IPv{} prefixes, but this host is a backend of no IPv{} [[snat]] address",
+                if v6 { 6 } else { 4 },
+                if v6 { 6 } else { 4 },
+            ));
+        }
+    }
+    let rules = egress_rules(&agent.egress, &config, &policy, families);
+    let routes = crate::egress::routes(&rules, policy.addresses(), tun.name());
+    let mut egress = EgressRoutes::install(rules, &routes)?;
     let tun_reader = {
         let shared = Arc::clone(&shared);
         let tun = Arc::clone(&tun);
@@ -324,35 +518,32 @@ pub fn run(options: &RunOptions) -> Result<(), String> {
     );
     let link = rx.link();
     let mut local = AgentCounters::default();
-    // sock_diag answers per (local, remote): present ones for a minute, absent ones for
-    // NEGATIVE_TTL, so a chained connection costs a netlink round trip now and then, not per
-    // packet.
-    let mut known_connections: HashMap<(SocketAddr, SocketAddr), (bool, Instant)> = HashMap::new();
+    let mut guard = ChainGuard::new(ChainBudget::of(&agent), monotonic_ns());
     let mut out = vec![0u8; 65_535 + 48];
     let mut scratch = vec![0u8; 65_535];
     let mut last_report = Instant::now();
+    let mut last_expire = Instant::now();
     while !shared.stopping() {
         let received = rx.receive(BATCH_FRAMES, POLL_TIMEOUT, &mut |frame| {
             local.frames += 1;
-            let Ok(parsed) = packet::parse(frame, link) else {
-                return;
-            };
-            let mut lookups = 0;
-            let mut has_connection = |l: SocketAddr, r: SocketAddr| {
-                if let Some(&(exists, seen)) = known_connections.get(&(l, r))
-                    && (exists || seen.elapsed() < NEGATIVE_TTL)
-                {
-                    return exists;
+            let parsed = match packet::parse(frame, link) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    if let Some(r) = unparsed(frame, link, e, &policy) {
+                        local.rejected[r.index()] += 1;
+                    }
+                    return;
                 }
-                lookups += 1;
-                let exists = diag.tcp_connection_exists(l, r).unwrap_or(false);
-                if known_connections.len() < KNOWN_CONNECTIONS {
-                    known_connections.insert((l, r), (exists, Instant::now()));
-                }
-                exists
             };
-            let verdict = classify(parsed.ip, &policy, &mut has_connection);
-            local.connection_lookups += lookups;
+            let now = monotonic_ns();
+            let mut lookup =
+                |l: SocketAddr, r: SocketAddr| diag.tcp_connection_exists(l, r).unwrap_or(false);
+            let mut asking = Asking {
+                guard: &mut guard,
+                now,
+                lookup: &mut lookup,
+            };
+            let verdict = classify(parsed.ip, &policy, &mut asking);
             match verdict {
                 Verdict::NotOurs => {}
                 Verdict::Reject(r) => local.rejected[r.index()] += 1,
@@ -381,6 +572,10 @@ pub fn run(options: &RunOptions) -> Result<(), String> {
                     }
                 }
                 Verdict::Chain { inner, to } => {
+                    if !guard.allow_relay(now) {
+                        local.rejected[Reject::RelayBudget.index()] += 1;
+                        return;
+                    }
                     let source = policy
                         .addresses()
                         .iter()
@@ -413,25 +608,25 @@ pub fn run(options: &RunOptions) -> Result<(), String> {
             local.chain_send_failed += r.failed;
         }
         if last_report.elapsed() >= REPORT_INTERVAL {
+            let chain = guard.counters();
+            local.connection_lookups = chain.lookups;
+            local.connection_cache_hits = chain.cache_hits;
+            local.kernel_drops = rx.kernel_drops();
             if let Ok(mut c) = shared.counters.try_lock() {
                 *c = local;
             }
             if let Ok(mut h) = shared.heartbeat.try_lock() {
                 *h = Some(Instant::now());
             }
-            // Forget answers that may be stale (connections close, chained ones settle).
-            known_connections.retain(|_, (exists, seen)| {
-                seen.elapsed()
-                    < if *exists {
-                        Duration::from_secs(60)
-                    } else {
-                        NEGATIVE_TTL
-                    }
-            });
             last_report = Instant::now();
         }
+        if last_expire.elapsed() >= Duration::from_secs(1) {
+            guard.expire(monotonic_ns());
+            last_expire = Instant::now();
+        }
         // Reload on SIGHUP or a changed file: the VIPs, muxes and peers (new backends may chain
-        // here), and the SNAT split if it changed. A bad file is logged and the old one kept.
+        // here), the chaining budgets, the IPv6 egress exceptions (the VIPs), and the SNAT split
+        // if it changed. A bad file is logged and the old one kept.
         if last_watch.elapsed() >= crate::mux::WATCH_INTERVAL {
             last_watch = Instant::now();
             let digest = crate::control::file_digest(&options.config);
@@ -457,6 +652,14 @@ pub fn run(options: &RunOptions) -> Result<(), String> {
                         *tables = new_tables;
                     }
                     drop(tables);
+                    if let Some(a) = &new_config.agent {
+                        guard.set_budget(ChainBudget::of(a), monotonic_ns());
+                    }
+                    // The egress prefixes themselves need a restart; the VIPs they exempt follow.
+                    let rules = egress_rules(&agent.egress, &new_config, &new_policy, families);
+                    if let Err(e) = egress.update(rules) {
+                        tracing::error!(error = %e, "egress steering rules not updated");
+                    }
                     policy = new_policy;
                     tracing::info!("config reloaded");
                 }
@@ -464,6 +667,10 @@ pub fn run(options: &RunOptions) -> Result<(), String> {
             }
         }
     }
+    let chain = guard.counters();
+    local.connection_lookups = chain.lookups;
+    local.connection_cache_hits = chain.cache_hits;
+    local.kernel_drops = rx.kernel_drops();
     *shared
         .counters
         .lock()
@@ -498,134 +705,8 @@ fn snat_tables(config: &Config, policy: &Policy) -> Vec<SnatTable> {
         .collect()
 }
 
-/// How long an absent-connection answer of sock_diag is trusted.
-const NEGATIVE_TTL: Duration = Duration::from_millis(200);
-/// Most sock_diag answers remembered.
-const KNOWN_CONNECTIONS: usize = 65_536;
-
 /// Mappings per SNAT address.
 const SNAT_CAPACITY: usize = 65_536;
-/// The routing table egress traffic is steered into the TUN by.
-pub const EGRESS_TABLE: &str = "4242";
-/// The priority of the agent's policy-routing rules.
-const EGRESS_PRIORITY: &str = "4242";
-
-/// The policy routing that steers this host's egress connections into the TUN: for each
-/// `agent.egress` prefix, `ip rule add from <address> to <prefix> lookup 4242`, and a default
-/// route into the TUN in table 4242. Removed when dropped.
-///
-/// Why policy routing: only connections *from the host's own address* to the listed
-/// destinations are steered, so the server's direct-server-return replies (source = VIP), the
-/// agent's own chained packets and the health checks to the host's address are untouched.
-///
-/// Limitation: a rule with `from` matches only once the source address is chosen. TCP
-/// connections and connected UDP sockets choose it before the final route lookup and are
-/// steered; an unconnected, unbound UDP socket's `sendto` is routed with no source yet and
-/// leaves from the host's own address, un-translated. Where that matters, mark such traffic in
-/// nftables' `type route hook output` chain (which routes again after the mark) instead.
-/// The default routes in table 4242 go with the TUN (it is not persistent: it disappears when
-/// the agent exits, and its routes with it).
-struct EgressRoutes {
-    rules: Vec<Vec<String>>,
-}
-
-fn ip(args: &[String]) -> Result<(), String> {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-impl EgressRoutes {
-    fn install(config: &Config, shared: &Shared, tun: &str) -> Result<Self, String> {
-        let mut routes = Self { rules: Vec::new() };
-        let egress = config
-            .agent
-            .as_ref()
-            .map_or(&[][..], |a| a.egress.as_slice());
-        if egress.is_empty() {
-            return Ok(routes);
-        }
-        if shared
-            .snat
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_empty()
-        {
-            return Err(
-                "agent.egress is set, but this host is a backend of no [[snat]] address".into(),
-            );
-        }
-        for family in ["-4", "-6"] {
-            let has = egress
-                .iter()
-                .any(|p| (family == "-4") == p.addr().is_ipv4());
-            if !has {
-                continue;
-            }
-            let route: Vec<String> = [
-                family,
-                "route",
-                "replace",
-                "default",
-                "dev",
-                tun,
-                "table",
-                EGRESS_TABLE,
-            ]
-            .map(str::to_owned)
-            .to_vec();
-            ip(&route)?;
-        }
-        for prefix in egress {
-            for address in &shared.addresses {
-                if address.is_ipv4() != prefix.addr().is_ipv4() {
-                    continue;
-                }
-                let rule: Vec<String> = [
-                    "rule".to_owned(),
-                    "add".to_owned(),
-                    "from".to_owned(),
-                    address.to_string(),
-                    "to".to_owned(),
-                    prefix.to_string(),
-                    "lookup".to_owned(),
-                    EGRESS_TABLE.to_owned(),
-                    "priority".to_owned(),
-                    EGRESS_PRIORITY.to_owned(),
-                ]
-                .to_vec();
-                let mut add = vec![if prefix.addr().is_ipv4() { "-4" } else { "-6" }.to_owned()];
-                add.extend(rule);
-                ip(&add)?;
-                routes.rules.push(add);
-            }
-        }
-        tracing::info!(rules = routes.rules.len(), "egress SNAT steering installed");
-        Ok(routes)
-    }
-}
-
-impl Drop for EgressRoutes {
-    fn drop(&mut self) {
-        for rule in &self.rules {
-            let mut del = rule.clone();
-            if let Some(verb) = del.iter_mut().find(|a| *a == "add") {
-                *verb = "del".to_owned();
-            }
-            let _ = ip(&del);
-        }
-    }
-}
 
 /// What [`snat_inbound`] did with a delivered packet.
 enum SnatInbound {
@@ -652,7 +733,7 @@ fn snat_inbound(shared: &Shared, inner: &[u8], scratch: &mut [u8]) -> SnatInboun
         return SnatInbound::NoMapping;
     };
     buf.copy_from_slice(inner);
-    match table.translate_inbound(buf, crate::worker::monotonic_ns()) {
+    match table.translate_inbound(buf, monotonic_ns()) {
         Ok(_) => SnatInbound::Translated(inner.len()),
         Err(_) => SnatInbound::NoMapping,
     }
@@ -668,14 +749,20 @@ fn transport_destination(packet: &[u8]) -> Option<(IpAddr, u16)> {
 }
 
 /// Reads what the kernel routes into the TUN (egress connections of this host), translates the
-/// source to a VIP and a port of this host's ranges, and sends it.
+/// source to a VIP and a port of this host's ranges, and sends it. A connection that gets no
+/// port is refused at once with an ICMP error written back into the TUN.
 fn snat_outbound_loop(shared: &Shared, tun: &Tun) {
-    let Ok(mut tx) = RawIpTransmitter::open(BATCH_FRAMES) else {
-        tracing::error!("egress SNAT: cannot open raw sockets; egress connections will fail");
-        return;
+    let mut tx = match marked_transmitter() {
+        Ok(tx) => tx,
+        Err(e) => {
+            tracing::error!(error = %e, "egress SNAT: cannot open raw sockets; egress connections will fail");
+            return;
+        }
     };
-    let mut counters = AgentCounters::default();
+    let mut counters = OutboundCounters::default();
+    let mut refused = RefusedFlows::default();
     let mut buf = vec![0u8; 65_535];
+    let mut icmp = vec![0u8; 1280];
     let mut last_expire = Instant::now();
     while !shared.stopping() {
         let len = match tun.read_packet(&mut buf, POLL_TIMEOUT) {
@@ -690,42 +777,22 @@ fn snat_outbound_loop(shared: &Shared, tun: &Tun) {
         if len > 0
             && let Some(packet) = buf.get_mut(..len)
         {
-            let now = crate::worker::monotonic_ns();
-            let version_v4 = packet.first().is_some_and(|b| b >> 4 == 4);
-            let mut tables = shared.snat.lock().unwrap_or_else(PoisonError::into_inner);
-            let result = tables
-                .iter_mut()
-                .find(|t| t.snat_address().is_ipv4() == version_v4)
-                .map(|t| t.translate_outbound(packet, now));
-            drop(tables);
-            match result {
-                Some(Ok(t)) => {
-                    if t.new_mapping {
-                        counters.snat_new_mappings += 1;
-                    }
-                    let to = t.remote.ip();
-                    if tx.queue(packet, to).is_ok() && tx.flush().is_ok_and(|r| r.failed == 0) {
-                        counters.snat_outbound += 1;
-                    } else {
-                        counters.snat_outbound_failed += 1;
-                    }
-                }
-                Some(Err(SnatError::Exhausted)) => {
-                    counters.snat_outbound_failed += 1;
-                    counters.snat_exhausted += 1;
-                    if counters.snat_exhausted.is_power_of_two() {
-                        tracing::warn!(
-                            count = counters.snat_exhausted,
-                            "egress SNAT: this host's port ranges are exhausted; new connections fail"
-                        );
-                    }
-                }
-                // Not TCP/UDP, the other family, link-local chatter on the TUN: not ours.
-                Some(Err(_)) | None => counters.snat_outbound_failed += 1,
+            if is_egress(packet) {
+                egress_packet(
+                    shared,
+                    tun,
+                    &mut tx,
+                    packet,
+                    &mut counters,
+                    &mut refused,
+                    &mut icmp,
+                );
+            } else {
+                counters.tun_ignored += 1;
             }
         }
         if last_expire.elapsed() >= REPORT_INTERVAL {
-            let now = crate::worker::monotonic_ns();
+            let now = monotonic_ns();
             for t in shared
                 .snat
                 .lock()
@@ -735,42 +802,79 @@ fn snat_outbound_loop(shared: &Shared, tun: &Tun) {
                 t.expire(now, 1024);
             }
             *shared
-                .snat_outbound
+                .outbound
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = counters;
             last_expire = Instant::now();
         }
     }
     *shared
-        .snat_outbound
+        .outbound
         .lock()
         .unwrap_or_else(PoisonError::into_inner) = counters;
 }
 
-fn export(shared: &Shared) {
-    use metrics::counter;
-    let c = *shared
-        .counters
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    counter!("lb_agent_frames_total").absolute(c.frames);
-    counter!("lb_agent_delivered_total").absolute(c.delivered);
-    counter!("lb_agent_delivered_unknown_previous_total").absolute(c.delivered_unknown_previous);
-    counter!("lb_agent_chained_total").absolute(c.chained);
-    counter!("lb_agent_delivered_chained_total").absolute(c.delivered_chained);
-    for (r, n) in Reject::ALL.iter().zip(c.rejected) {
-        counter!("lb_agent_rejected_total", "reason" => r.name()).absolute(n);
+/// One egress packet from the TUN: translated and sent, or refused.
+fn egress_packet(
+    shared: &Shared,
+    tun: &Tun,
+    tx: &mut RawIpTransmitter,
+    packet: &mut [u8],
+    counters: &mut OutboundCounters,
+    refused: &mut RefusedFlows,
+    icmp: &mut [u8],
+) {
+    let now = monotonic_ns();
+    let version_v4 = packet.first().is_some_and(|b| b >> 4 == 4);
+    let mut tables = shared.snat.lock().unwrap_or_else(PoisonError::into_inner);
+    let result = tables
+        .iter_mut()
+        .find(|t| t.snat_address().is_ipv4() == version_v4)
+        .map(|t| t.translate_outbound(packet, now));
+    drop(tables);
+    match result {
+        Some(Ok(t)) => {
+            if t.new_mapping {
+                counters.snat_new_mappings += 1;
+            }
+            let to = t.remote.ip();
+            if tx.queue(packet, to).is_ok() && tx.flush().is_ok_and(|r| r.failed == 0) {
+                counters.snat_outbound += 1;
+            } else {
+                counters.snat_outbound_failed += 1;
+            }
+        }
+        Some(Err(SnatError::Exhausted | SnatError::TableFull)) => {
+            // The packet is unchanged: refuse it where it came from, so that the connection
+            // fails now instead of retrying a SYN that goes nowhere.
+            counters.snat_outbound_failed += 1;
+            if refused.first(flow_of(packet), now) {
+                counters.snat_exhausted += 1;
+                if counters.snat_exhausted.is_power_of_two() {
+                    tracing::warn!(
+                        connections = counters.snat_exhausted,
+                        "egress SNAT: no port free (this host's port ranges exhausted toward the destination, or its table full); new connections are refused"
+                    );
+                }
+            }
+            if let Some(n) = refusal(packet, icmp) {
+                let _ = tun.write_packet(&icmp[..n]);
+            }
+        }
+        // Not TCP/UDP (a ping), a fragment, no SNAT address of this family: not translated.
+        Some(Err(_)) | None => counters.snat_outbound_failed += 1,
     }
-    counter!("lb_agent_tun_errors_total").absolute(c.tun_errors);
-    counter!("lb_agent_chain_send_failed_total").absolute(c.chain_send_failed);
-    counter!("lb_agent_connection_lookups_total").absolute(c.connection_lookups);
-    counter!("lb_agent_snat_translations_total", "direction" => "outbound")
-        .absolute(c.snat_outbound);
-    counter!("lb_agent_snat_translations_total", "direction" => "inbound").absolute(c.snat_inbound);
-    counter!("lb_agent_snat_new_mappings_total").absolute(c.snat_new_mappings);
-    counter!("lb_agent_snat_outbound_failed_total").absolute(c.snat_outbound_failed);
-    counter!("lb_agent_snat_exhausted_total").absolute(c.snat_exhausted);
-    counter!("lb_agent_snat_inbound_misses_total").absolute(c.snat_inbound_misses);
+}
+
+/// Copies the counters into the metrics registry: the same rows `lb status` shows, and the SNAT
+/// port gauges.
+fn export(shared: &Shared) {
+    for (spec, value) in shared.counters().rows() {
+        match spec.label {
+            None => metrics::counter!(spec.metric).absolute(value),
+            Some((name, label)) => metrics::counter!(spec.metric, name => label).absolute(value),
+        }
+    }
     for t in shared
         .snat
         .lock()
@@ -786,5 +890,53 @@ fn export(shared: &Shared) {
             .map(|r| u64::from(*r.end() - *r.start()) + 1)
             .sum();
         metrics::gauge!("lb_agent_snat_ports", "address" => address).set(ports as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn every_counter_has_one_key_and_one_series() {
+        let rows = AgentCounters::default().rows();
+        let keys: HashSet<&str> = rows.iter().map(|(s, _)| s.key).collect();
+        let series: HashSet<(&str, Option<(&str, &str)>)> =
+            rows.iter().map(|(s, _)| (s.metric, s.label)).collect();
+        assert_eq!(keys.len(), rows.len());
+        assert_eq!(series.len(), rows.len());
+        assert!(rows.iter().all(|(s, _)| s.metric.starts_with("lb_agent_")));
+        assert!(rows.iter().all(|(s, _)| s.metric.ends_with("_total")));
+        // Every field shows: a counter set to 1 at a time moves exactly its row.
+        let mut c = AgentCounters {
+            frames: 1,
+            kernel_drops: 2,
+            delivered: 3,
+            delivered_unknown_previous: 4,
+            chained: 5,
+            delivered_chained: 6,
+            rejected: [7, 8, 9, 10, 11, 12],
+            tun_errors: 13,
+            chain_send_failed: 14,
+            connection_lookups: 15,
+            connection_cache_hits: 16,
+            snat_outbound: 17,
+            snat_new_mappings: 18,
+            snat_outbound_failed: 19,
+            snat_exhausted: 20,
+            snat_inbound: 21,
+            snat_inbound_misses: 22,
+            tun_ignored: 23,
+        };
+        let values: HashSet<u64> = c.rows().iter().map(|(_, v)| *v).collect();
+        assert_eq!(values, (1..=23).collect());
+        let json = c.to_json();
+        assert_eq!(json["rejected_foreign_source"], 9);
+        assert_eq!(json["snat_exhausted"], 20);
+        assert!(json.as_object().unwrap().values().all(Value::is_u64));
+        c.frames = 0;
+        assert_eq!(c.to_json()["frames"], 0);
     }
 }

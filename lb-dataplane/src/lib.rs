@@ -18,7 +18,9 @@
 //! - [`node`]: a running node (workers + control socket) on any devices; [`mux`]: `lb mux` on
 //!   AF_PACKET, with signals and the config-file watcher.
 //! - [`agent`]: the backend agent's decision (accept only muxes, the VIP check, daisy chaining);
-//!   [`agent_run`]: `lb agent` (TUN delivery, chaining, egress SNAT, status, metrics).
+//!   [`agent_run`]: `lb agent` (TUN delivery, chaining, egress SNAT, status, metrics);
+//!   [`chain_guard`]: the bounds on what daisy chaining may cost (answer caches, budgets);
+//!   [`egress`]: egress SNAT's policy routing, TUN packet triage and fast refusals.
 //!
 //! Invariant to keep: nothing on the mux's per-packet path allocates, locks or makes a syscall
 //! per packet. (The agent writes each delivered packet into a TUN, one `write` each: see
@@ -27,8 +29,10 @@
 pub mod afpacket;
 pub mod agent;
 pub mod agent_run;
+pub mod chain_guard;
 pub mod control;
 pub mod device;
+pub mod egress;
 pub mod exporter;
 pub mod health_endpoint;
 pub mod memory;

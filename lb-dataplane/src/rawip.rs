@@ -377,6 +377,37 @@ impl RawIpTransmitter {
         })
     }
 
+    /// Sets `SO_MARK` (the firewall mark policy-routing rules can match) on both sockets, so the
+    /// packets sent from here can be told apart from the host's own by `ip rule fwmark`. The
+    /// agent marks its transmitters so that its egress-steering rules leave them alone.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `setsockopt` (`EPERM` without `CAP_NET_ADMIN`).
+    pub fn set_mark(&mut self, mark: u32) -> io::Result<()> {
+        for fd in std::iter::once(&self.v4).chain(self.v6.as_ref()) {
+            // SAFETY: `mark` is a readable `u32`, the option's type, for the whole call; the fd
+            // is one of ours.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_MARK,
+                    std::ptr::from_ref(&mark).cast(),
+                    size_of::<u32>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                let e = io::Error::last_os_error();
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("raw IP transmitter: SO_MARK {mark:#x}: {e}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Failure counts by cause since `open` (the last one's kind and errno included).
     #[must_use]
     pub fn errors(&self) -> TxErrors {
