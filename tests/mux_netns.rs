@@ -466,7 +466,7 @@ fn a_config_rewritten_slowly_under_load_loses_nothing_and_a_fifo_wedges_nothing(
 #[test]
 fn a_hundred_reloads_under_load_lose_and_reorder_nothing() {
     require_root("mux_netns::a_hundred_reloads_under_load_lose_and_reorder_nothing");
-    let (mut lab, fleet, mux) = one_mux_fleet("muxreload");
+    let (lab, fleet, mux) = one_mux_fleet("muxreload");
     let config_a = mux_config(1, &mux.socket, &[1, 1]);
     let config_b = mux_config(1, &mux.socket, &[1, 3]);
     let captures = capture_all(&fleet);

@@ -438,6 +438,20 @@ impl Config {
         Self::from_toml(&text, path)
     }
 
+    /// Parses and validates a config file's contents, read by [`read_config_file`] (the file
+    /// watcher's); `origin` names it in errors.
+    pub fn from_bytes(bytes: Vec<u8>, origin: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let origin = origin.as_ref();
+        let text = String::from_utf8(bytes).map_err(|e| ConfigError {
+            file: origin.to_owned(),
+            problems: vec![Problem {
+                field: String::new(),
+                reason: not_utf8(&e),
+            }],
+        })?;
+        Self::from_toml(&text, origin)
+    }
+
     /// Parses and validates config text; `origin` names it in errors.
     ///
     /// Every problem of the text is reported, not only the first: each unknown field and each
@@ -1177,12 +1191,14 @@ pub fn read_config_file(path: &Path) -> Result<Vec<u8>, String> {
 
 /// [`read_config_file`], as UTF-8 text.
 fn read_config_text(path: &Path) -> Result<String, String> {
-    String::from_utf8(read_config_file(path)?).map_err(|e| {
-        format!(
-            "the file is not UTF-8 text (byte {})",
-            e.utf8_error().valid_up_to()
-        )
-    })
+    String::from_utf8(read_config_file(path)?).map_err(|e| not_utf8(&e))
+}
+
+fn not_utf8(e: &std::string::FromUtf8Error) -> String {
+    format!(
+        "the file is not UTF-8 text (byte {})",
+        e.utf8_error().valid_up_to()
+    )
 }
 
 /// One step of a field path: a key, or an index into an array.

@@ -41,6 +41,7 @@ use crate::rawip::RawIpTransmitter;
 use crate::sockdiag::SockDiag;
 use crate::socket::{ControlHandler, ControlSocket};
 use crate::tun::Tun;
+use crate::watch::{Change, ConfigWatch};
 use crate::worker::{BATCH_FRAMES, POLL_TIMEOUT, REPORT_INTERVAL, monotonic_ns};
 use lb_core::snat::{PortRanges, SnatError, SnatTable, SnatTableConfig};
 
@@ -256,12 +257,9 @@ struct Shared {
 
 impl ControlHandler for Shared {
     fn handle_line(&self, line: &str) -> Value {
-        match serde_json::from_str::<Value>(line) {
-            Ok(v) if v["command"] == "status" => self.status(),
-            Ok(v) => {
-                json!({"ok": false, "error": format!("unknown command {}; the agent answers \"status\"", v["command"])})
-            }
-            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        match crate::socket::status_request(line, "agent") {
+            Ok(()) => self.status(),
+            Err(answer) => answer,
         }
     }
 
@@ -417,15 +415,18 @@ fn egress_rules(
 /// Runs `lb agent` until SIGTERM or SIGINT.
 pub fn run(options: &RunOptions) -> Result<(), String> {
     let config = Config::load(&options.config).map_err(|e| e.to_string())?;
+    let problems = config.role_problems(lb_core::config::Role::Agent);
+    let (Some(agent), Some(interface), true) = (
+        config.agent.clone(),
+        config.node.interface.clone(),
+        problems.is_empty(),
+    ) else {
+        let file = options.config.display();
+        let lines: Vec<String> = problems.iter().map(|p| format!("{file}: {p}")).collect();
+        return Err(lines.join("\n"));
+    };
     let mut policy =
         Policy::from_config(&config).map_err(|e| format!("{}: {e}", options.config.display()))?;
-    let agent = config.agent.clone().ok_or("no [agent] section")?;
-    let interface = config.node.interface.clone().ok_or_else(|| {
-        format!(
-            "{}: node.interface: lb agent needs the interface encapsulated packets arrive on",
-            options.config.display()
-        )
-    })?;
     let mut rx = AfPacketReceiver::open(&interface, None, RingConfig::default())
         .map_err(|e| e.to_string())?;
     let tun = Tun::open(&agent.tun, true).map_err(|e| e.to_string())?;
@@ -506,7 +507,10 @@ pub fn run(options: &RunOptions) -> Result<(), String> {
             shared.shutdown.store(true, Ordering::Relaxed);
         })?;
     }
-    let mut config_digest = crate::control::file_digest(&options.config);
+    let mut watch = ConfigWatch::new(
+        &options.config,
+        crate::control::file_digest(&options.config),
+    );
     let mut last_watch = Instant::now();
     tracing::info!(
         node = %config.node.name,
@@ -627,16 +631,25 @@ pub fn run(options: &RunOptions) -> Result<(), String> {
         // Reload on SIGHUP or a changed file: the VIPs, muxes and peers (new backends may chain
         // here), the chaining budgets, the IPv6 egress exceptions (the VIPs), and the SNAT split
         // if it changed. A bad file is logged and the old one kept.
-        if last_watch.elapsed() >= crate::mux::WATCH_INTERVAL {
+        // The file watcher offers new contents only once the file is complete (never a
+        // half-written one); SIGHUP reads the file at once.
+        let read = if reload_requested.swap(false, Ordering::Relaxed) {
+            Some(Config::load(&options.config))
+        } else if last_watch.elapsed() >= crate::watch::TICK {
             last_watch = Instant::now();
-            let digest = crate::control::file_digest(&options.config);
-            if digest.is_some() && digest != config_digest {
-                reload_requested.store(true, Ordering::Relaxed);
+            match watch.poll() {
+                Some(Change::Ready(bytes, _)) => Some(Config::from_bytes(bytes, &options.config)),
+                Some(Change::Unreadable(reason)) => {
+                    tracing::warn!(file = %options.config.display(), %reason, "config file unreadable; the config in force keeps serving");
+                    None
+                }
+                None => None,
             }
-        }
-        if reload_requested.swap(false, Ordering::Relaxed) {
-            config_digest = crate::control::file_digest(&options.config);
-            match Config::load(&options.config)
+        } else {
+            None
+        };
+        if let Some(read) = read {
+            match read
                 .map_err(|e| e.to_string())
                 .and_then(|c| Policy::from_config(&c).map(|p| (c, p)))
             {

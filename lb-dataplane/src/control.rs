@@ -321,9 +321,7 @@ fn read_config(path: &Path) -> Result<(Config, u64), ControlError> {
 
 /// Parses config file contents read from `path`.
 fn parse_config(path: &Path, bytes: Vec<u8>) -> Result<Config, ControlError> {
-    let text = String::from_utf8(bytes)
-        .map_err(|_| format!("{}: the file is not UTF-8 text", path.display()))?;
-    Config::from_toml(&text, path).map_err(|e| e.to_string())
+    Config::from_bytes(bytes, path).map_err(|e| e.to_string())
 }
 
 impl ControlPlane {

@@ -5,9 +5,9 @@
 //!   one `PACKET_FANOUT_HASH` group (a flow always reaches the same worker, so its conntrack entry
 //!   is where its packets are), and its own raw IP sockets to send with `sendmmsg`.
 //! - **Reload** on SIGHUP, on a change of the config file's contents once the file is complete
-//!   ([`crate::watch`], polled every [`WATCH_INTERVAL`]), and on the control socket's `reload`.
-//!   Reloads run on their own thread (`lb-reload`): a long compile never delays SIGTERM, and
-//!   `status` answers meanwhile. See [`crate::control`].
+//!   ([`crate::watch`], polled every [`crate::watch::TICK`]), and on the control socket's
+//!   `reload`. Reloads run on the node's own thread ([`crate::node`]): a long compile never
+//!   delays SIGTERM, and `status` answers meanwhile. See [`crate::control`].
 //! - **Shutdown** on SIGTERM or SIGINT: workers finish their batch, flush and stop; the control
 //!   socket file is removed; the process exits 0.
 //!
@@ -17,7 +17,6 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::process::RunOptions;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -29,8 +28,6 @@ use crate::device::{Receiver, Transmitter};
 use crate::node::{Devices, Mux, worker_count};
 use crate::rawip::RawIpTransmitter;
 
-/// How often the config file is checked for changes.
-pub const WATCH_INTERVAL: Duration = crate::watch::TICK;
 /// Packets a worker's transmitter queues before it must flush.
 const TX_QUEUE: usize = 256;
 

@@ -309,9 +309,7 @@ fn load(path: &Path) -> Result<Loaded, (String, Option<u64>)> {
 /// [`load`] of contents already read (by the file watcher).
 fn load_bytes(path: &Path, bytes: Vec<u8>, digest: u64) -> Result<Loaded, (String, Option<u64>)> {
     let digest = Some(digest);
-    let text =
-        String::from_utf8(bytes).map_err(|_| (format!("{}: not UTF-8", path.display()), digest))?;
-    let config = Config::from_toml(&text, path).map_err(|e| (e.to_string(), digest))?;
+    let config = Config::from_bytes(bytes, path).map_err(|e| (e.to_string(), digest))?;
     let problems = config.role_problems(lb_core::config::Role::Healthcheck);
     let section = match (&config.healthcheck, problems.first()) {
         (Some(section), None) => section.clone(),
