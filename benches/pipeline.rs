@@ -5,6 +5,11 @@
 //!
 //! Run: `cargo bench --bench pipeline`.
 //!
+//! A third case, `golden-table`, runs every row of the golden packet table (`lb_core::golden`:
+//! encapsulations, SNAT return traffic, an ICMP answer, frames for the host and one frame per
+//! drop reason) in turn, so that the checks a malformed or hostile frame meets are measured on
+//! the same inputs the tests pin.
+//!
 //! Each flow count is measured twice: frame by frame with `process`, and in batches of 64 with
 //! `process_batch` (as a mux worker gets them from a TPACKET_V3 block), which overlaps the
 //! connection-table cache misses of a batch.
@@ -23,6 +28,7 @@ use etherparse::PacketBuilder;
 use lb_core::config::Config;
 use lb_core::conntrack::{ConnTable, ConnTableConfig};
 use lb_core::forward::{Action, WorkerState, process, process_batch};
+use lb_core::golden;
 use lb_core::packet::Link;
 use lb_core::snapshot::Snapshot;
 
@@ -162,6 +168,25 @@ fn pipeline(c: &mut Criterion) {
             "every packet encapsulated"
         );
     }
+    let golden_snapshot = golden::snapshot();
+    let rows = golden::table();
+    let mut state = golden::worker();
+    let mut out = vec![0u8; 65535 + 48];
+    group.throughput(Throughput::Elements(rows.len() as u64));
+    group.bench_function("golden-table", |b| {
+        b.iter(|| {
+            for row in &rows {
+                black_box(process(
+                    &row.input,
+                    row.link,
+                    &golden_snapshot,
+                    &mut state,
+                    1_000_000_000,
+                    &mut out,
+                ));
+            }
+        });
+    });
     group.finish();
 }
 
