@@ -12,7 +12,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddrV4, TcpListener, TcpStream};
+use std::net::{SocketAddrV4, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,33 +51,6 @@ fn vip(backends: &[usize]) -> String {
 fn spawn(lab: &mut Lab, ns: &Namespace, what: &str, name: &str, text: &str) -> (PathBuf, PathBuf) {
     let node = common::start_node(lab, ns, what, name, text, &["--no-metrics"]);
     (node.socket, node.config)
-}
-
-/// A line server on VIP:PORT: answers each line "N" with "be<j> N".
-fn line_server(ns: &Namespace, j: usize, stop: Arc<AtomicBool>) {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    ns.enter(move || {
-        let listener = TcpListener::bind(SocketAddrV4::new(Fleet::VIP, PORT)).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        ready_tx.send(()).unwrap();
-        while !stop.load(Ordering::Relaxed) {
-            let Ok((conn, _)) = listener.accept() else {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            };
-            std::thread::spawn(move || {
-                conn.set_nonblocking(false).unwrap();
-                let mut writer = conn.try_clone().unwrap();
-                for line in BufReader::new(conn).lines() {
-                    let Ok(line) = line else { return };
-                    if writeln!(writer, "be{j} {line}").is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
 }
 
 /// A spoofed TCP segment (ACK, no SYN) from the client's address and `port` to the VIP.
@@ -234,7 +207,7 @@ fn scenario(chain_window_seconds: u32) -> (usize, usize, Option<FloodReport>) {
     }
     let stop = Arc::new(AtomicBool::new(false));
     for j in 1..=3 {
-        line_server(&fleet.backends[j - 1], j, Arc::clone(&stop));
+        common::line_server(&fleet.backends[j - 1], PORT, j, Arc::clone(&stop));
     }
     // Backend 3 is announced to the agents of 1 and 2 (file change, no restart).
     for (socket, config, text) in &agent_configs[..2] {

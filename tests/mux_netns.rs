@@ -8,7 +8,8 @@
 //!   pushed mid-stream is rejected and loses nothing.
 //! - The config rewritten in place one line at a time under that stream loses nothing and
 //!   publishes nothing; a FIFO at the config path blocks neither status, reload nor SIGTERM.
-//! - Bad frames on the wire are counted and dropped, and the node keeps forwarding.
+//! - Bad frames on the wire are counted and dropped, each under its reason (the golden table's
+//!   frames for the parser's strictness among them), and the node keeps forwarding.
 //! - SIGTERM stops the node with exit code 0 and removes its control socket.
 
 mod common;
@@ -22,6 +23,8 @@ use std::time::{Duration, Instant};
 use common::{Captured, EncapCapture};
 use lb::netns::{Lab, Namespace, require_root};
 use lb::topology::{Fleet, FleetPlan};
+use lb_core::forward::{Action, DropReason};
+use lb_core::packet::Link;
 use lb_dataplane::socket::request;
 use serde_json::{Value, json};
 
@@ -549,16 +552,53 @@ fn bad_frames_on_the_wire_are_counted_and_dropped() {
     bad_length[24..26].copy_from_slice(&sum.to_be_bytes());
     let unknown_protocol = udp_frame(mux_mac, router_mac, 200, 40_000);
     let before = status(&mux);
-    let frames = vec![
+    let mut frames = vec![
         bad_checksum,
         bad_version,
         truncated,
         bad_length,
         unknown_protocol,
     ];
+    // The golden table's frames for the parser's strictness (issue 12, item 7) that concern
+    // this mux's IPv4 VIPs: wrong version for the EtherType, bad IPv4 options, UDP lengths that
+    // are not the payload's, martian sources, TTL 0. Each was forwarded before.
+    let strict: Vec<(DropReason, Vec<u8>)> = lb_core::golden::table()
+        .into_iter()
+        .filter_map(|g| {
+            let Action::Drop(reason) = g.expected else {
+                return None;
+            };
+            let new_reason = matches!(
+                reason,
+                DropReason::VersionMismatch
+                    | DropReason::BadIpOptions
+                    | DropReason::MartianSource
+                    | DropReason::TtlExpired
+            );
+            if !new_reason && !g.description.starts_with("UDP length") {
+                return None;
+            }
+            let (ethertype, ip) = match g.link {
+                Link::Ethernet => ([g.input[12], g.input[13]], &g.input[14..]),
+                Link::Ip => ([0x08, 0x00], &g.input[..]),
+            };
+            let to_vip = ip[0] >> 4 == 4 && ip[16..20] == Fleet::VIP.octets();
+            if reason != DropReason::VersionMismatch && !to_vip {
+                return None; // IPv6, or SNAT traffic: this mux has neither
+            }
+            let mut frame = mux_mac.to_vec();
+            frame.extend_from_slice(&router_mac);
+            frame.extend_from_slice(&ethertype);
+            frame.extend_from_slice(ip);
+            Some((reason, frame))
+        })
+        .collect();
+    assert!(strict.len() >= 10, "{}", strict.len());
+    frames.extend(strict.iter().map(|(_, f)| f.clone()));
+    let total = frames.len() as u64 * 100;
     fleet
         .router
-        .enter(move || lb::blast::blast("r-m1", &frames, Duration::from_secs(5), 5 * 100))
+        .enter(move || lb::blast::blast("r-m1", &frames, Duration::from_secs(5), total))
         .join()
         .unwrap()
         .unwrap();
@@ -567,7 +607,7 @@ fn bad_frames_on_the_wire_are_counted_and_dropped() {
         let s = status(&mux);
         let frames = s["counters"]["frames"].as_u64().unwrap()
             - before["counters"]["frames"].as_u64().unwrap();
-        if frames >= 500 || Instant::now() > deadline {
+        if frames >= total || Instant::now() > deadline {
             break s;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -586,10 +626,31 @@ fn bad_frames_on_the_wire_are_counted_and_dropped() {
         100,
         "{after:#}"
     );
+    let strict_of = |reasons: &[DropReason]| {
+        100 * strict.iter().filter(|(r, _)| reasons.contains(r)).count() as u64
+    };
     assert_eq!(
         delta(&["counters", "drops", "malformed"]) + delta(&["counters", "drops", "truncated"]),
-        300,
+        300 + strict_of(&[DropReason::Malformed, DropReason::Truncated]),
         "{after:#}"
+    );
+    for reason in [
+        DropReason::VersionMismatch,
+        DropReason::BadIpOptions,
+        DropReason::MartianSource,
+        DropReason::TtlExpired,
+    ] {
+        assert!(strict_of(&[reason]) >= 100, "a frame for {}", reason.name());
+        assert_eq!(
+            delta(&["counters", "drops", reason.name()]),
+            strict_of(&[reason]),
+            "{after:#}"
+        );
+    }
+    assert_eq!(
+        delta(&["counters", "encapsulated"]),
+        0,
+        "nothing of it was forwarded"
     );
     // A protocol no VIP serves is not ours: passed to the host (node.unmatched = "pass").
     // The link's own chatter (ARP, IPv6 neighbour discovery) is passed too, so allow a little.

@@ -121,6 +121,32 @@ impl FlowKey {
         }
     }
 
+    /// Whether the source address is one no packet arriving from outside may carry (a martian,
+    /// RFC 1812 §5.3.7, RFC 4291 §2.5.2-2.7): the destination itself; for IPv4, 0.0.0.0/8,
+    /// 127.0.0.0/8, multicast 224.0.0.0/4 and the limited broadcast 255.255.255.255; for IPv6,
+    /// the unspecified `::`, the loopback `::1` and multicast ff00::/8. Read from the key's bytes.
+    #[inline]
+    #[must_use]
+    pub fn martian_source(&self) -> bool {
+        // Whole-word compares: no call to a byte-comparing function on the hot path.
+        match &self.0 {
+            Repr::V4(b) => {
+                let src = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                let dst = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+                matches!(b[0], 0 | 127 | 224..=239) || src == u32::MAX || src == dst
+            }
+            Repr::V6(b) => {
+                let word = |at: usize| {
+                    let mut w = [0u8; 16];
+                    w.copy_from_slice(&b[at..at + 16]);
+                    u128::from_be_bytes(w)
+                };
+                let (src, dst) = (word(0), word(16));
+                src <= 1 || b[0] == 0xff || src == dst
+            }
+        }
+    }
+
     /// Source port; 0 for protocols without ports.
     #[must_use]
     pub fn src_port(&self) -> u16 {
@@ -169,6 +195,47 @@ impl fmt::Debug for FlowKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn martian_sources() {
+        let vip = Ipv4Addr::new(198, 18, 100, 1);
+        let from = |src: Ipv4Addr| FlowKey::v4(src, vip, PROTO_TCP, 1, 80).martian_source();
+        for martian in [
+            vip,
+            Ipv4Addr::BROADCAST,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::new(0, 1, 2, 3),
+            Ipv4Addr::LOCALHOST,
+            Ipv4Addr::new(127, 255, 0, 1),
+            Ipv4Addr::new(224, 0, 0, 1),
+            Ipv4Addr::new(239, 255, 255, 255),
+        ] {
+            assert!(from(martian), "{martian}");
+        }
+        for fine in [
+            Ipv4Addr::new(198, 18, 1, 2),
+            Ipv4Addr::new(1, 0, 0, 0),
+            Ipv4Addr::new(126, 255, 255, 255),
+            Ipv4Addr::new(223, 255, 255, 255),
+            Ipv4Addr::new(240, 0, 0, 1),
+            Ipv4Addr::new(255, 255, 255, 254),
+        ] {
+            assert!(!from(fine), "{fine}");
+        }
+        let vip6: Ipv6Addr = "2001:db8:100::1".parse().unwrap();
+        let from6 = |src: Ipv6Addr| FlowKey::v6(src, vip6, PROTO_UDP, 1, 53).martian_source();
+        for martian in [
+            vip6,
+            Ipv6Addr::UNSPECIFIED,
+            Ipv6Addr::LOCALHOST,
+            "ff02::1".parse().unwrap(),
+        ] {
+            assert!(from6(martian), "{martian}");
+        }
+        for fine in ["2001:db8::2", "::2", "fe80::1", "::ffff:198.18.1.2"] {
+            assert!(!from6(fine.parse().unwrap()), "{fine}");
+        }
+    }
 
     fn web_v4() -> FlowKey {
         FlowKey::v4(

@@ -14,6 +14,8 @@
 //! - [`conntrack`]: the per-worker connection table (fixed capacity, SYN-flood safe).
 //! - [`encap`]: IP-in-IP and GRE encapsulation and decapsulation.
 //! - [`forward`]: the forwarding decision, `process(frame, &Snapshot, &mut WorkerState)`.
+//! - `golden` (cargo feature `golden`): the golden packet table that the decision's tests, the
+//!   pipeline benchmark and the fuzz seeds share.
 //!
 //! The I/O that drives them lives in `lb-dataplane`.
 #![forbid(unsafe_code)]
@@ -25,6 +27,8 @@ pub mod conntrack;
 pub mod encap;
 pub mod flow;
 pub mod forward;
+#[cfg(any(test, feature = "golden"))]
+pub mod golden;
 pub mod hash;
 pub mod maglev;
 pub mod packet;

@@ -8,6 +8,18 @@
 //! small `Copy` value naming the layer, which maps to a drop counter. A frame that is not IP
 //! (ARP, LLDP) is not an error: it is [`Kind::NotIp`], for the host's own stack.
 //!
+//! **Strictness.** Beyond the lengths etherparse checks, a frame is refused when:
+//! - its IP version is not its EtherType's (an IPv4 header in an `0x86DD` frame, or the reverse):
+//!   [`ParseError::VersionMismatch`];
+//! - an IPv4 option other than end-of-list and no-operation has a length below 2 or runs past
+//!   the header (RFC 791): [`ParseError::BadIpOptions`];
+//! - an unfragmented UDP datagram's length field is not exactly its IP payload (length 0
+//!   included, which IPv4 has no use for and which this mux does not take as an IPv6 jumbogram):
+//!   [`ParseError::Malformed`] at [`Layer::Udp`].
+//!
+//! The TTL or hop limit is read into [`Parsed::ttl`] and the source into the flow, for the
+//! forwarding decision to refuse expired and martian packets (`forward`).
+//!
 //! **Checksums.** The received IPv4 header's checksum is verified, options included, as soon as
 //! the whole header is present (as Linux's `ip_rcv` does): a wrong one is
 //! [`ParseError::BadChecksum`]. Headers quoted in ICMP errors are not checked: a quote may be cut
@@ -100,6 +112,17 @@ pub enum ParseError {
         /// Where: [`Layer::Ip`].
         layer: Layer,
     },
+    /// An IP header of the other version than the frame's EtherType says.
+    #[error("IPv{version} header in a frame of EtherType {ethertype:#06x}")]
+    VersionMismatch {
+        /// The frame's EtherType.
+        ethertype: u16,
+        /// The header's version.
+        version: u8,
+    },
+    /// An IPv4 option whose length is below 2 or runs past the header.
+    #[error("IPv4 option of a bad length")]
+    BadIpOptions,
 }
 
 /// What the forwarding decision needs to know about a frame.
@@ -112,6 +135,8 @@ pub struct Parsed<'a> {
     pub ip_offset: usize,
     /// Whether routers may not fragment it: IPv4's DF bit, always true for IPv6.
     pub dont_fragment: bool,
+    /// IPv4's TTL or IPv6's hop limit (0 for a frame that is not IP).
+    pub ttl: u8,
     /// What to steer by.
     pub kind: Kind,
 }
@@ -220,8 +245,9 @@ fn parse_ipv4_fast(frame: &[u8], ip_offset: usize) -> Option<Parsed<'_>> {
             l4[13] & 0x12 == 0x02 // SYN without ACK
         }
         crate::flow::PROTO_UDP => {
+            // Exactly the IP payload (the general path refuses anything else).
             let udp_len = usize::from(u16::from_be_bytes([*l4.get(4)?, *l4.get(5)?]));
-            if udp_len < 8 || udp_len > l4.len() {
+            if udp_len != l4.len() {
                 return None;
             }
             false
@@ -241,6 +267,7 @@ fn parse_ipv4_fast(frame: &[u8], ip_offset: usize) -> Option<Parsed<'_>> {
         ip,
         ip_offset,
         dont_fragment: flags_fragment & 0x4000 != 0,
+        ttl: header[8],
         kind: Kind::Transport { flow, syn },
     })
 }
@@ -250,12 +277,20 @@ pub(crate) fn parse_general(frame: &[u8], link: Link) -> Result<Parsed<'_>, Pars
     let ip_offset = match link {
         Link::Ip => 0,
         Link::Ethernet => match ethernet_payload(frame)? {
-            (offset, ETHERTYPE_IPV4 | ETHERTYPE_IPV6) => offset,
+            (offset, ethertype @ (ETHERTYPE_IPV4 | ETHERTYPE_IPV6)) => {
+                let version = frame.get(offset).map_or(0, |b| b >> 4);
+                let expected = if ethertype == ETHERTYPE_IPV4 { 4 } else { 6 };
+                if (version == 4 || version == 6) && version != expected {
+                    return Err(ParseError::VersionMismatch { ethertype, version });
+                }
+                offset
+            }
             (_, ethertype) => {
                 return Ok(Parsed {
                     ip: &[],
                     ip_offset: frame.len(),
                     dont_fragment: false,
+                    ttl: 0,
                     kind: Kind::NotIp { ethertype },
                 });
             }
@@ -263,8 +298,9 @@ pub(crate) fn parse_general(frame: &[u8], link: Link) -> Result<Parsed<'_>, Pars
     };
     let ip = &frame[ip_offset..];
     check_ipv4_checksum(ip)?;
+    check_ipv4_options(ip)?;
     let sliced = SlicedPacket::from_ip(ip).map_err(|e| map_slice_error(&e))?;
-    let (ip_len, src, dst, dont_fragment, payload) = match &sliced.net {
+    let (ip_len, src, dst, dont_fragment, ttl, payload) = match &sliced.net {
         Some(NetSlice::Ipv4(v4)) => {
             let h = v4.header();
             (
@@ -272,6 +308,7 @@ pub(crate) fn parse_general(frame: &[u8], link: Link) -> Result<Parsed<'_>, Pars
                 IpAddr::V4(h.source_addr()),
                 IpAddr::V4(h.destination_addr()),
                 h.dont_fragment(),
+                h.ttl(),
                 v4.payload(),
             )
         }
@@ -282,6 +319,7 @@ pub(crate) fn parse_general(frame: &[u8], link: Link) -> Result<Parsed<'_>, Pars
                 IpAddr::V6(h.source_addr()),
                 IpAddr::V6(h.destination_addr()),
                 true,
+                h.hop_limit(),
                 v6.payload(),
             )
         }
@@ -311,6 +349,11 @@ pub(crate) fn parse_general(frame: &[u8], link: Link) -> Result<Parsed<'_>, Pars
                 .ok_or(ParseError::Malformed { layer: Layer::Ip })?,
                 syn: tcp.syn() && !tcp.ack(),
             },
+            Some(TransportSlice::Udp(udp))
+                if usize::from(udp.length()) != payload.payload.len() =>
+            {
+                return Err(ParseError::Malformed { layer: Layer::Udp });
+            }
             Some(TransportSlice::Udp(udp)) => Kind::Transport {
                 flow: FlowKey::new(
                     src,
@@ -348,8 +391,40 @@ pub(crate) fn parse_general(frame: &[u8], link: Link) -> Result<Parsed<'_>, Pars
         ip,
         ip_offset,
         dont_fragment,
+        ttl,
         kind,
     })
+}
+
+/// Checks the options of the IPv4 header at the start of `ip`, once the whole header is there
+/// (RFC 791 §3.1): end-of-list (0) ends them, no-operation (1) is one byte, every other option
+/// has a length byte of at least 2 that stays within the header. Anything else (IPv6, a bad IHL,
+/// a header cut short) is left to etherparse, which reports it.
+fn check_ipv4_options(ip: &[u8]) -> Result<(), ParseError> {
+    let Some(&first) = ip.first() else {
+        return Ok(());
+    };
+    let header_len = usize::from(first & 0x0f) * 4;
+    if first >> 4 != 4 || header_len <= 20 {
+        return Ok(());
+    }
+    let Some(options) = ip.get(20..header_len) else {
+        return Ok(());
+    };
+    let mut at = 0;
+    while let Some(&kind) = options.get(at) {
+        match kind {
+            0 => break,
+            1 => at += 1,
+            _ => match options.get(at + 1) {
+                Some(&len) if len >= 2 && at + usize::from(len) <= options.len() => {
+                    at += usize::from(len);
+                }
+                _ => return Err(ParseError::BadIpOptions),
+            },
+        }
+    }
+    Ok(())
 }
 
 /// Verifies the checksum of the IPv4 header at the start of `ip`, options included, once the
@@ -732,6 +807,97 @@ mod tests {
                 flow: v4_flow(PROTO_ICMP, 0, 0)
             }
         );
+    }
+
+    #[test]
+    fn an_ip_version_that_is_not_the_ethertypes_is_refused() {
+        let v4 = tcp_syn_v4();
+        let v6 = udp_v6(b"x");
+        for vlans in [0, 1] {
+            assert_eq!(
+                parse(&ethernet(ETHERTYPE_IPV6, vlans, &v4), Link::Ethernet),
+                Err(ParseError::VersionMismatch {
+                    ethertype: ETHERTYPE_IPV6,
+                    version: 4
+                })
+            );
+            assert_eq!(
+                parse(&ethernet(ETHERTYPE_IPV4, vlans, &v6), Link::Ethernet),
+                Err(ParseError::VersionMismatch {
+                    ethertype: ETHERTYPE_IPV4,
+                    version: 6
+                })
+            );
+        }
+        // A version that is neither stays malformed; bare IP has no EtherType to disagree with.
+        let mut v7 = v4.clone();
+        v7[0] = 0x75;
+        assert!(matches!(
+            parse(&ethernet(ETHERTYPE_IPV4, 0, &v7), Link::Ethernet),
+            Err(ParseError::Malformed { layer: Layer::Ip })
+        ));
+        assert!(parse(&v4, Link::Ip).is_ok() && parse(&v6, Link::Ip).is_ok());
+    }
+
+    #[test]
+    fn ipv4_options_must_have_lengths_that_fit() {
+        let syn = tcp_syn_v4();
+        for good in [
+            [1, 1, 0, 0],
+            [7, 4, 0, 0],
+            [0, 7, 0, 0],
+            [1, 1, 1, 1],
+            [7, 3, 0, 1],
+        ] {
+            let p = crate::golden::with_options(&syn, &good);
+            assert!(parse(&p, Link::Ip).is_ok(), "{good:?}");
+        }
+        for bad in [
+            [7, 0, 0, 0],
+            [7, 1, 0, 0],
+            [1, 7, 8, 0],
+            [1, 1, 1, 7],
+            [7, 5, 0, 0],
+        ] {
+            let p = crate::golden::with_options(&syn, &bad);
+            assert_eq!(
+                parse(&p, Link::Ip),
+                Err(ParseError::BadIpOptions),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_udp_length_other_than_the_payloads_is_refused() {
+        let mut udp = Vec::new();
+        PacketBuilder::ipv4(CLIENT, VIP, 64)
+            .udp(1, 53)
+            .write(&mut udp, b"query")
+            .unwrap();
+        assert!(parse_ipv4_fast(&udp, 0).is_some());
+        for length in [0u16, 7, 8, 12] {
+            let mut p = udp.clone();
+            p[24..26].copy_from_slice(&length.to_be_bytes());
+            assert!(parse_ipv4_fast(&p, 0).is_none(), "{length}");
+            assert!(parse(&p, Link::Ip).is_err(), "{length}");
+        }
+        let mut v6 = udp_v6(b"query");
+        v6[44..46].copy_from_slice(&0u16.to_be_bytes());
+        assert!(parse(&v6, Link::Ip).is_err(), "IPv6 UDP length 0");
+    }
+
+    #[test]
+    fn the_ttl_is_read_on_both_paths() {
+        let mut syn = tcp_syn_v4();
+        assert_eq!(parse(&syn, Link::Ip).unwrap().ttl, 64);
+        syn[8] = 0;
+        fix_checksum(&mut syn);
+        assert_eq!(parse_ipv4_fast(&syn, 0).unwrap().ttl, 0);
+        assert_eq!(parse_general(&syn, Link::Ip).unwrap().ttl, 0);
+        let mut v6 = udp_v6(b"x");
+        v6[7] = 0;
+        assert_eq!(parse(&v6, Link::Ip).unwrap().ttl, 0);
     }
 
     #[test]

@@ -854,6 +854,7 @@ impl ControlPlane {
                 "hits": totals.conntrack.hits,
                 "misses": totals.conntrack.misses,
                 "evictions_untrusted": totals.conntrack.evictions_untrusted,
+                "evictions_idle_trusted": totals.conntrack.evictions_idle_trusted,
                 "evictions_expired": totals.conntrack.evictions_expired,
                 "full": totals.conntrack.full,
             },
@@ -942,6 +943,7 @@ impl Totals {
         k.inserts += r.conntrack.inserts;
         k.replacements += r.conntrack.replacements;
         k.evictions_untrusted += r.conntrack.evictions_untrusted;
+        k.evictions_idle_trusted += r.conntrack.evictions_idle_trusted;
         k.evictions_expired += r.conntrack.evictions_expired;
         k.full += r.conntrack.full;
         k.promotions += r.conntrack.promotions;

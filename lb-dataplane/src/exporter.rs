@@ -94,6 +94,8 @@ pub fn update(plane: &ControlPlane) {
     let k = &totals.conntrack;
     counter!("lb_conntrack_evictions_total", "cause" => "untrusted")
         .absolute(k.evictions_untrusted);
+    counter!("lb_conntrack_evictions_total", "cause" => "idle_trusted")
+        .absolute(k.evictions_idle_trusted);
     counter!("lb_conntrack_evictions_total", "cause" => "expired").absolute(k.evictions_expired);
     counter!("lb_conntrack_lookups_total", "result" => "hit").absolute(k.hits);
     counter!("lb_conntrack_lookups_total", "result" => "miss").absolute(k.misses);

@@ -726,3 +726,32 @@ pub fn metrics_text(ns: &Namespace, address: &str) -> String {
     .join()
     .unwrap()
 }
+
+/// A line server on `VIP:port` in `ns` (backend `j`): answers each line "N" with "be<j> N", so a
+/// client sees which backend holds its connection. Runs until `stop`.
+pub fn line_server(ns: &Namespace, port: u16, j: usize, stop: Arc<AtomicBool>) {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    ns.enter(move || {
+        let listener =
+            TcpListener::bind(SocketAddrV4::new(lb::topology::Fleet::VIP, port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        ready_tx.send(()).unwrap();
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((conn, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            std::thread::spawn(move || {
+                conn.set_nonblocking(false).unwrap();
+                let mut writer = conn.try_clone().unwrap();
+                for line in io::BufRead::lines(io::BufReader::new(conn)) {
+                    let Ok(line) = line else { return };
+                    if writeln!(writer, "be{j} {line}").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+}
