@@ -385,7 +385,7 @@ fn describe_config(config: &Config, file: &std::path::Path, out: &mut dyn Write)
         Some(mb) => format!("node.memory_budget_mb {mb} MiB"),
         None => budget::default_budget_bytes().map_or_else(
             || "no budget (host memory unknown)".to_owned(),
-            |b| format!("default budget {} (half of this host's memory)", mib(b)),
+            |b| format!("default budget {} (half of this host's memory or of this process's memory limits)", mib(b)),
         ),
     };
     writeln!(

@@ -180,6 +180,39 @@ fn check_config_reports_every_type_and_unknown_field_error_and_what_the_nodes_ne
 }
 
 #[test]
+fn a_config_over_the_memory_a_limited_process_has_is_refused_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    // The outside battery's case: 60 VIPs of 16 777 213 slots (about 3.8 GiB on a mux), which
+    // aborted a mux on reload.
+    let mut text =
+        "[node]\nname = \"m\"\ninterface = \"m0\"\naddress_v4 = \"198.18.11.2\"\n".to_owned();
+    for i in 0..60 {
+        text.push_str(&format!(
+            "[[vip]]\nname = \"v{i}\"\naddress = \"198.18.100.1\"\nprotocol = \"udp\"\nport = {}\nencap = \"ipip\"\ntable_size = 16777213\n[[vip.backend]]\naddress = \"198.18.21.2\"\n",
+            1000 + i
+        ));
+    }
+    let path = temp_config(&dir, "big.toml", &text);
+    // With 4 GiB of address space (ulimit -v), the default budget is 2 GiB.
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 4194304 && exec {} check-config \"$0\"",
+            env!("CARGO_BIN_EXE_lb")
+        ))
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_clean_failure(&o);
+    let out = stdout(&o);
+    assert!(
+        out.contains(&format!("{path}: node: this config needs about 38"))
+            && out.contains("more than the 2048.0 MiB budget"),
+        "{out}"
+    );
+}
+
+#[test]
 fn bad_health_check_config_is_rejected_with_the_field_named() {
     let dir = tempfile::tempdir().unwrap();
     let text = fs::read_to_string(config_path("lab-fleet.toml")).unwrap();

@@ -4,9 +4,9 @@
 //! with its VIPs' Maglev tables and, for daisy chaining, a copy of the previous table of every
 //! GRE VIP; plus one connection table per worker, allocated at start. [`estimate`] adds these up
 //! from the config alone, so `lb check-config` prints the figure and validation refuses a config
-//! over the node's budget (`node.memory_budget_mb`, by default half of the host's memory or of
-//! the process's cgroup limit, whichever is smaller) instead of letting a reload abort the
-//! process on a failed allocation.
+//! over the node's budget (`node.memory_budget_mb`, by default half of the smallest of the
+//! host's memory, the process's cgroup limit and its `ulimit -v`/`-d`) instead of letting a
+//! reload abort the process on a failed allocation.
 //!
 //! **Invariant.** The estimate is never below what [`crate::snapshot::Snapshot::compile`] and
 //! the connection tables allocate for their large arrays (slots, bitmaps, conntrack entries);
@@ -94,8 +94,9 @@ pub fn estimate(config: &Config) -> MemoryEstimate {
     }
 }
 
-/// The default budget: half of the host's memory or of this process's cgroup limit, whichever
-/// is smaller; None where neither can be read (no budget is then enforced by default).
+/// The default budget: half of the smallest of the host's memory, this process's cgroup limit
+/// and its address-space and data-size limits (`ulimit -v`, `ulimit -d`); None where none can
+/// be read (no budget is then enforced by default).
 #[must_use]
 pub fn default_budget_bytes() -> Option<u64> {
     static BUDGET: OnceLock<Option<u64>> = OnceLock::new();
@@ -103,13 +104,24 @@ pub fn default_budget_bytes() -> Option<u64> {
         let host = std::fs::read_to_string("/proc/meminfo")
             .ok()
             .and_then(|m| meminfo_total(&m));
-        let cgroup = cgroup_limit();
-        match (host, cgroup) {
-            (Some(h), Some(c)) => Some(h.min(c) / 2),
-            (Some(x), None) | (None, Some(x)) => Some(x / 2),
-            (None, None) => None,
-        }
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+        [
+            host,
+            cgroup_limit(),
+            soft_limit(&limits, "Max address space"),
+            soft_limit(&limits, "Max data size"),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|smallest| smallest / 2)
     })
+}
+
+/// The soft limit of the row `name` of `/proc/self/limits`, in bytes; None if unlimited.
+fn soft_limit(limits: &str, name: &str) -> Option<u64> {
+    let row = limits.lines().find(|l| l.starts_with(name))?;
+    row[name.len()..].split_whitespace().next()?.parse().ok()
 }
 
 /// `MemTotal` of `/proc/meminfo`, in bytes.
@@ -136,6 +148,16 @@ pub fn mib(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_limits_are_read_unless_unlimited() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
+                      Max data size             unlimited            unlimited            bytes\n\
+                      Max address space         4294967296           unlimited            bytes\n";
+        assert_eq!(soft_limit(limits, "Max address space"), Some(4_294_967_296));
+        assert_eq!(soft_limit(limits, "Max data size"), None);
+        assert_eq!(soft_limit(limits, "Max resident set"), None);
+    }
 
     #[test]
     fn meminfo_is_read_in_bytes() {

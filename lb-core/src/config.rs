@@ -135,8 +135,8 @@ pub struct NodeConfig {
     #[serde(default = "default_chain_window")]
     pub chain_window_seconds: u32,
     /// The most memory this node's tables and connection tables may need, in MiB (see
-    /// [`crate::budget`]): a config over it is refused. Default: half of the host's memory or
-    /// of the process's cgroup limit, whichever is smaller.
+    /// [`crate::budget`]): a config over it is refused. Default: half of the smallest of the
+    /// host's memory, the process's cgroup limit and its address-space and data-size limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_budget_mb: Option<u64>,
 }
@@ -575,7 +575,7 @@ impl Config {
             None => (
                 crate::budget::default_budget_bytes(),
                 "node",
-                "the default budget, half of this host's memory; set node.memory_budget_mb to change it",
+                "the default budget, half of this host's memory or of the process's memory limits; set node.memory_budget_mb to change it",
             ),
         };
         let Some(budget) = budget else { return };
