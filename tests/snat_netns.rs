@@ -110,55 +110,6 @@ fn assert_metrics_match_status(ns: &Namespace, socket: &std::path::Path) -> Valu
     }
 }
 
-/// The internet host's echo servers; they record who they saw.
-fn echo_servers(ns: &Namespace, peers: Arc<Mutex<Vec<SocketAddr>>>, stop: Arc<AtomicBool>) {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    {
-        let peers = Arc::clone(&peers);
-        let stop = Arc::clone(&stop);
-        let ready = ready_tx.clone();
-        ns.enter(move || {
-            let listener = TcpListener::bind(SocketAddrV4::new(INTERNET, TCP_ECHO)).unwrap();
-            listener.set_nonblocking(true).unwrap();
-            ready.send(()).unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                let Ok((conn, peer)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(5));
-                    continue;
-                };
-                peers.lock().unwrap().push(peer);
-                std::thread::spawn(move || {
-                    conn.set_nonblocking(false).unwrap();
-                    let mut w = conn.try_clone().unwrap();
-                    for line in BufReader::new(conn).lines() {
-                        let Ok(line) = line else { return };
-                        if writeln!(w, "{line}").is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-    }
-    ns.enter(move || {
-        let socket = UdpSocket::bind(SocketAddrV4::new(INTERNET, UDP_ECHO)).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
-        ready_tx.send(()).unwrap();
-        let mut buf = [0u8; 2048];
-        while !stop.load(Ordering::Relaxed) {
-            if let Ok((n, peer)) = socket.recv_from(&mut buf) {
-                peers.lock().unwrap().push(peer);
-                let _ = socket.send_to(&buf[..n], peer);
-            }
-        }
-    });
-    for _ in 0..2 {
-        ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    }
-}
-
 #[test]
 fn every_backend_reaches_the_internet_with_the_vip_as_source() {
     require_root("snat_netns::every_backend_reaches_the_internet_with_the_vip_as_source");
@@ -217,7 +168,13 @@ fn every_backend_reaches_the_internet_with_the_vip_as_source() {
     }
     let peers = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    echo_servers(&internet, Arc::clone(&peers), Arc::clone(&stop));
+    internet_servers(
+        &internet,
+        IpAddr::V4(INTERNET),
+        &[TCP_ECHO],
+        Arc::clone(&peers),
+        Arc::clone(&stop),
+    );
 
     // All backends at once: TCP connections and UDP datagrams to the internet host.
     let workers: Vec<_> = (1..=2)
@@ -415,7 +372,13 @@ fn a_host_without_a_free_port_refuses_connections_at_once_and_counts_each_once()
     );
     let peers = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    echo_servers(&internet, Arc::clone(&peers), Arc::clone(&stop));
+    internet_servers(
+        &internet,
+        IpAddr::V4(INTERNET),
+        &[TCP_ECHO],
+        Arc::clone(&peers),
+        Arc::clone(&stop),
+    );
     let config = Config::from_toml(
         &format!(
             "[node]\naddress_v4 = \"198.18.11.2\"\n{}",
@@ -549,14 +512,21 @@ fn add_internet_v6(fleet: &Fleet, internet: &Namespace) {
         .unwrap();
 }
 
-/// IPv6 echo servers (TCP and UDP, recording their peers) and an HTTP server answering every
-/// request with the peer's address, on the internet host.
-fn internet_v6_servers(ns: &Namespace, peers: Arc<Mutex<Vec<SocketAddr>>>, stop: Arc<AtomicBool>) {
+/// The internet host's servers on `address`, recording their peers: a UDP echo, and on each
+/// of `tcp_ports` a TCP echo, or for [`WHOAMI`] an HTTP server answering every request with the
+/// peer's address.
+fn internet_servers(
+    ns: &Namespace,
+    address: IpAddr,
+    tcp_ports: &[u16],
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+) {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    for port in [TCP_ECHO, WHOAMI] {
+    for &port in tcp_ports {
         let (peers, stop, ready) = (Arc::clone(&peers), Arc::clone(&stop), ready_tx.clone());
         ns.enter(move || {
-            let listener = TcpListener::bind((INTERNET6, port)).unwrap();
+            let listener = TcpListener::bind((address, port)).unwrap();
             listener.set_nonblocking(true).unwrap();
             ready.send(()).unwrap();
             while !stop.load(Ordering::Relaxed) {
@@ -593,7 +563,7 @@ fn internet_v6_servers(ns: &Namespace, peers: Arc<Mutex<Vec<SocketAddr>>>, stop:
         });
     }
     ns.enter(move || {
-        let socket = UdpSocket::bind((INTERNET6, UDP_ECHO)).unwrap();
+        let socket = UdpSocket::bind((address, UDP_ECHO)).unwrap();
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
@@ -606,7 +576,7 @@ fn internet_v6_servers(ns: &Namespace, peers: Arc<Mutex<Vec<SocketAddr>>>, stop:
             }
         }
     });
-    for _ in 0..3 {
+    for _ in 0..=tcp_ports.len() {
         ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
     }
 }
@@ -684,7 +654,13 @@ fn ipv6_egress_translates_unbound_sockets_and_leaves_direct_server_return_alone(
     }
     let peers = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    internet_v6_servers(&internet, Arc::clone(&peers), Arc::clone(&stop));
+    internet_servers(
+        &internet,
+        IpAddr::V6(INTERNET6),
+        &[TCP_ECHO, WHOAMI],
+        Arc::clone(&peers),
+        Arc::clone(&stop),
+    );
     for j in 1..=2 {
         common::http_server(
             &fleet.backends[j - 1],
