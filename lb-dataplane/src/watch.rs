@@ -243,7 +243,7 @@ mod tests {
                 }
             })
         };
-        let seen = poll_for(&mut watch, Duration::from_millis(2500));
+        let seen = poll_for(&mut watch, Duration::from_secs(4));
         writer.join().unwrap();
         let full = lines.concat().into_bytes();
         assert_eq!(seen, vec![Change::Ready(full.clone(), digest(&full))]);
@@ -269,7 +269,7 @@ mod tests {
                 }
             })
         };
-        let seen = poll_for(&mut watch, Duration::from_millis(2500));
+        let seen = poll_for(&mut watch, Duration::from_secs(4));
         writer.join().unwrap();
         let full = std::fs::read(&path).unwrap();
         assert_eq!(seen, vec![Change::Ready(full.clone(), digest(&full))]);
