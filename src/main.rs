@@ -425,16 +425,9 @@ fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         Command::CheckConfig { role, files } => {
             let mut failed = false;
             for file in &files {
-                let loaded = Config::load(file).and_then(|config| {
-                    let problems = role.map_or_else(Vec::new, |r| config.role_problems(r.into()));
-                    if problems.is_empty() {
-                        Ok(config)
-                    } else {
-                        Err(lb_core::config::ConfigError {
-                            file: file.clone(),
-                            problems,
-                        })
-                    }
+                let loaded = Config::load(file).and_then(|config| match role {
+                    Some(role) => config.check_role(role.into(), file).map(|()| config),
+                    None => Ok(config),
                 });
                 match loaded {
                     Ok(config) => {

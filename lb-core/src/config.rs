@@ -780,6 +780,20 @@ impl Config {
         problems
     }
 
+    /// [`Config::role_problems`] as a [`ConfigError`] naming `file`: Ok when a process of
+    /// `role` can run on this config.
+    pub fn check_role(&self, role: Role, file: &Path) -> Result<(), ConfigError> {
+        let problems = self.role_problems(role);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError {
+                file: file.to_owned(),
+                problems,
+            })
+        }
+    }
+
     /// The VIP with this name.
     #[must_use]
     pub fn vip(&self, name: &str) -> Option<&VipConfig> {

@@ -415,15 +415,13 @@ fn egress_rules(
 /// Runs `lb agent` until SIGTERM or SIGINT.
 pub fn run(options: &RunOptions) -> Result<(), String> {
     let config = Config::load(&options.config).map_err(|e| e.to_string())?;
-    let problems = config.role_problems(lb_core::config::Role::Agent);
-    let (Some(agent), Some(interface), true) = (
-        config.agent.clone(),
-        config.node.interface.clone(),
-        problems.is_empty(),
-    ) else {
-        let file = options.config.display();
-        let lines: Vec<String> = problems.iter().map(|p| format!("{file}: {p}")).collect();
-        return Err(lines.join("\n"));
+    config
+        .check_role(lb_core::config::Role::Agent, &options.config)
+        .map_err(|e| e.to_string())?;
+    // check_role refused a config without either.
+    let (Some(agent), Some(interface)) = (config.agent.clone(), config.node.interface.clone())
+    else {
+        return Err("the config has no [agent] section or no node.interface".into());
     };
     let mut policy =
         Policy::from_config(&config).map_err(|e| format!("{}: {e}", options.config.display()))?;

@@ -53,12 +53,9 @@ pub fn open_af_packet(interface: &str, count: usize) -> io::Result<Vec<Devices>>
 pub fn run(options: &RunOptions) -> Result<(), String> {
     let (plane, _) = ControlPlane::start(&options.config)?;
     let config = plane.config();
-    let problems = config.role_problems(lb_core::config::Role::Mux);
-    if !problems.is_empty() {
-        let file = options.config.display();
-        let lines: Vec<String> = problems.iter().map(|p| format!("{file}: {p}")).collect();
-        return Err(lines.join("\n"));
-    }
+    config
+        .check_role(lb_core::config::Role::Mux, &options.config)
+        .map_err(|e| e.to_string())?;
     let interface = config.node.interface.clone().unwrap_or_default();
     let workers = worker_count(&config);
     let devices = open_af_packet(&interface, workers)
