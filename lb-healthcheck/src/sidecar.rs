@@ -310,16 +310,15 @@ fn load(path: &Path) -> Result<Loaded, (String, Option<u64>)> {
 fn load_bytes(path: &Path, bytes: Vec<u8>, digest: u64) -> Result<Loaded, (String, Option<u64>)> {
     let digest = Some(digest);
     let config = Config::from_bytes(bytes, path).map_err(|e| (e.to_string(), digest))?;
-    let problems = config.role_problems(lb_core::config::Role::Healthcheck);
-    let section = match (&config.healthcheck, problems.first()) {
-        (Some(section), None) => section.clone(),
-        (_, problem) => {
-            let reason = problem.map_or_else(
-                || "no [healthcheck] section".to_owned(),
-                ToString::to_string,
-            );
-            return Err((format!("{}: {reason}", path.display()), digest));
-        }
+    config
+        .check_role(lb_core::config::Role::Healthcheck, path)
+        .map_err(|e| (e.to_string(), digest))?;
+    // check_role refused a config without it.
+    let Some(section) = config.healthcheck.clone() else {
+        return Err((
+            format!("{}: no [healthcheck] section", path.display()),
+            digest,
+        ));
     };
     Ok(Loaded {
         config,
