@@ -442,6 +442,35 @@ fn a_config_rewritten_slowly_under_load_loses_nothing_and_a_fifo_wedges_nothing(
         "the same contents were published again: {s}"
     );
 
+    // What an operator must not miss is logged at WARN: a VIP left with no healthy backend,
+    // and every VIP and backend a reload removes.
+    for backend in [Fleet::backend_address(1), Fleet::backend_address(2)] {
+        let answer = request(
+            &mux.socket,
+            &json!({"command": "set-health", "backend": backend.to_string(), "vip": "dns", "healthy": false}),
+        )
+        .unwrap();
+        assert_eq!(answer["ok"], true, "{answer}");
+    }
+    let dns = status(&mux)["vips"][2].clone();
+    assert_eq!(dns["state"], "no_healthy_backend", "{dns}");
+    let fewer = mux_config(1, &mux.socket, &[1]);
+    let fewer = &fewer[..fewer.find("name = \"dns\"").unwrap() - "\n[[vip]]\n".len()];
+    std::fs::write(&mux.config, fewer).unwrap();
+    let answer = request(&mux.socket, &json!({"command": "reload"})).unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    let log = lab.log(mux.pid);
+    let warned = |words: &[&str]| {
+        log.lines()
+            .any(|l| l.contains("WARN") && words.iter().all(|w| l.contains(w)))
+    };
+    assert!(warned(&["no healthy backend", "dns"]), "{log}");
+    assert!(warned(&["VIP removed by the new config", "dns"]), "{log}");
+    assert!(
+        warned(&["backend removed by the new config", "198.18.22.2"]),
+        "{log}"
+    );
+
     // A FIFO at the config path: the watcher refuses it without blocking, status and an
     // explicit reload answer at once, SIGTERM stops the node.
     std::fs::remove_file(&mux.config).unwrap();
@@ -455,7 +484,7 @@ fn a_config_rewritten_slowly_under_load_loses_nothing_and_a_fifo_wedges_nothing(
         answer["error"].as_str().unwrap().contains("FIFO"),
         "{answer}"
     );
-    assert_eq!(status(&mux)["vips"].as_array().unwrap().len(), 3);
+    assert_eq!(status(&mux)["vips"].as_array().unwrap().len(), 2);
     assert!(started.elapsed() < Duration::from_secs(2));
     lab.signal(mux.pid, libc::SIGTERM).unwrap();
     let exit = lab.wait(mux.pid, Duration::from_secs(3));

@@ -349,7 +349,7 @@ impl ControlPlane {
             workers: Mutex::new(Vec::new()),
             started: Instant::now(),
         });
-        plane.log_published(&shared.snapshot.load(), "started");
+        plane.log_published(&shared.snapshot.load(), None, "started");
         Ok((plane, shared))
     }
 
@@ -433,11 +433,13 @@ impl ControlPlane {
             v.base = base;
             v.overrides = overrides;
         });
-        self.log_published(&snapshot, why);
+        self.log_published(&snapshot, Some(&old), why);
         Ok(generation)
     }
 
-    fn log_published(&self, snapshot: &Snapshot, why: &str) {
+    /// Logs each VIP of a published snapshot, and at WARN each VIP that has just lost its last
+    /// healthy backend of weight above 0 (or starts without one).
+    fn log_published(&self, snapshot: &Snapshot, old: Option<&Snapshot>, why: &str) {
         for vip in &snapshot.vips {
             let backends = vip.table.backends().len();
             tracing::info!(
@@ -447,7 +449,10 @@ impl ControlPlane {
                 fingerprint = %fingerprint_hex(vip.fingerprint),
                 "published ({why})"
             );
-            if vip.table.slots().is_empty() {
+            let was_empty = old
+                .and_then(|o| o.vips.iter().find(|v| v.name == vip.name))
+                .is_some_and(|v| v.table.slots().is_empty());
+            if vip.table.slots().is_empty() && !was_empty {
                 tracing::warn!(
                     generation = snapshot.generation,
                     vip = %vip.name,
