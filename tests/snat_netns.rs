@@ -110,22 +110,29 @@ fn assert_metrics_match_status(ns: &Namespace, socket: &std::path::Path) -> Valu
     }
 }
 
-#[test]
-fn every_backend_reaches_the_internet_with_the_vip_as_source() {
-    require_root("snat_netns::every_backend_reaches_the_internet_with_the_vip_as_source");
-    let mut lab = Lab::new("snat").unwrap();
+/// A fleet of `muxes` muxes and two backends (with their VIP addresses on lo) and the internet
+/// host, in a lab tagged `tag`.
+fn snat_fleet(tag: &str, muxes: usize, ipv6: bool) -> (Lab, Fleet, Namespace) {
+    let mut lab = Lab::new(tag).unwrap();
     let fleet = Fleet::build(
         &mut lab,
         &FleetPlan {
-            muxes: 2,
+            muxes,
             backends: 2,
             resilient: false,
-            ipv6: false,
+            ipv6,
         },
     )
     .unwrap();
     fleet.add_backend_vips().unwrap();
     let internet = fleet.add_internet(&mut lab).unwrap();
+    (lab, fleet, internet)
+}
+
+#[test]
+fn every_backend_reaches_the_internet_with_the_vip_as_source() {
+    require_root("snat_netns::every_backend_reaches_the_internet_with_the_vip_as_source");
+    let (mut lab, fleet, internet) = snat_fleet("snat", 2, false);
     let muxes = format!(
         "[\"{}/32\", \"{}/32\"]",
         Fleet::mux_address(1),
@@ -329,19 +336,7 @@ fn a_host_without_a_free_port_refuses_connections_at_once_and_counts_each_once()
     require_root(
         "snat_netns::a_host_without_a_free_port_refuses_connections_at_once_and_counts_each_once",
     );
-    let mut lab = Lab::new("snatfull").unwrap();
-    let fleet = Fleet::build(
-        &mut lab,
-        &FleetPlan {
-            muxes: 1,
-            backends: 2,
-            resilient: false,
-            ipv6: false,
-        },
-    )
-    .unwrap();
-    fleet.add_backend_vips().unwrap();
-    let internet = fleet.add_internet(&mut lab).unwrap();
+    let (mut lab, fleet, internet) = snat_fleet("snatfull", 1, false);
     let mut agents = Vec::new();
     for j in 1..=2 {
         let text = format!(
@@ -586,19 +581,7 @@ fn ipv6_egress_translates_unbound_sockets_and_leaves_direct_server_return_alone(
     require_root(
         "snat_netns::ipv6_egress_translates_unbound_sockets_and_leaves_direct_server_return_alone",
     );
-    let mut lab = Lab::new("snat6").unwrap();
-    let fleet = Fleet::build(
-        &mut lab,
-        &FleetPlan {
-            muxes: 2,
-            backends: 2,
-            resilient: false,
-            ipv6: true,
-        },
-    )
-    .unwrap();
-    fleet.add_backend_vips().unwrap();
-    let internet = fleet.add_internet(&mut lab).unwrap();
+    let (mut lab, fleet, internet) = snat_fleet("snat6", 2, true);
     add_internet_v6(&fleet, &internet);
     let services = {
         let mut s = format!(
