@@ -35,19 +35,25 @@ const UDP_ECHO: u16 = 7001;
 const CONNECTIONS: usize = 25;
 
 fn fleet_config() -> String {
+    web_with_snat(IpAddr::V4(Fleet::VIP), |j| {
+        IpAddr::V4(Fleet::backend_address(j))
+    })
+}
+
+/// VIP `web` (TCP 80, IP-in-IP) on `vip` over the two backends `backend(1)` and `backend(2)`,
+/// and the whole port space 1024..=65535 of `vip` for egress SNAT in ranges of 8.
+fn web_with_snat(vip: IpAddr, backend: impl Fn(usize) -> IpAddr) -> String {
     let mut s = format!(
-        "\n[[vip]]\nname = \"web\"\naddress = \"{}\"\nprotocol = \"tcp\"\nport = 80\nencap = \"ipip\"\n",
-        Fleet::VIP
+        "\n[[vip]]\nname = \"web\"\naddress = \"{vip}\"\nprotocol = \"tcp\"\nport = 80\nencap = \"ipip\"\n"
     );
     for j in 1..=2 {
         s.push_str(&format!(
             "  [[vip.backend]]\n  address = \"{}\"\n",
-            Fleet::backend_address(j)
+            backend(j)
         ));
     }
     s.push_str(&format!(
-        "\n[[snat]]\naddress = \"{}\"\nfirst_port = 1024\nlast_port = 65535\nrange_size = 8\n",
-        Fleet::VIP
+        "\n[[snat]]\naddress = \"{vip}\"\nfirst_port = 1024\nlast_port = 65535\nrange_size = 8\n"
     ));
     s
 }
@@ -583,23 +589,10 @@ fn ipv6_egress_translates_unbound_sockets_and_leaves_direct_server_return_alone(
     );
     let (mut lab, fleet, internet) = snat_fleet("snat6", 2, true);
     add_internet_v6(&fleet, &internet);
-    let services = {
-        let mut s = format!(
-            "\n[[vip]]\nname = \"web6\"\naddress = \"{}\"\nprotocol = \"tcp\"\nport = 80\nencap = \"ipip\"\n",
-            Fleet::VIP6
-        );
-        for j in 1..=2 {
-            s.push_str(&format!(
-                "  [[vip.backend]]\n  address = \"{}\"\n",
-                Fleet::backend_address_v6(j)
-            ));
-        }
-        s.push_str(&format!(
-            "\n[[snat]]\naddress = \"{}\"\nrange_size = 8\n",
-            Fleet::VIP6
-        ));
-        s
-    };
+    let services = web_with_snat(IpAddr::V6(Fleet::VIP6), |j| {
+        IpAddr::V6(Fleet::backend_address_v6(j))
+    })
+    .replace("name = \"web\"", "name = \"web6\"");
     let muxes = format!(
         "[\"{}/128\", \"{}/128\"]",
         Fleet::mux_address_v6(1),
