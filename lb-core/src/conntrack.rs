@@ -249,7 +249,7 @@ struct Timeouts {
 
 impl Timeouts {
     fn new(config: &ConnTableConfig) -> Self {
-        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let ns = crate::time::nanos;
         Self {
             tcp: ns(config.tcp_idle),
             udp: ns(config.udp_idle),

@@ -34,6 +34,7 @@ pub mod maglev;
 pub mod packet;
 pub mod snapshot;
 pub mod snat;
+pub mod time;
 
 pub use flow::FlowKey;
 pub use maglev::{BackendId, MaglevBuilder, MaglevTable, TableDiff};

@@ -46,6 +46,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
+use crate::time::nanos;
+
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
@@ -730,11 +732,6 @@ pub struct SnatTable {
     udp_idle_ns: u64,
     tcp_closed_ns: u64,
     counters: SnatCounters,
-}
-
-/// Nanoseconds of a duration, saturating.
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn octets16(address: IpAddr) -> [u8; 16] {

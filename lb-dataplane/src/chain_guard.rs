@@ -35,6 +35,7 @@
 //!
 //! Everything here is pure: time is passed in as monotonic nanoseconds.
 
+use lb_core::time::nanos;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
@@ -143,10 +144,6 @@ pub struct ChainGuard {
     lookups: TokenBucket,
     relays: TokenBucket,
     counters: ChainCounters,
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl ChainGuard {
