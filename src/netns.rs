@@ -597,6 +597,22 @@ impl Lab {
     /// The pair is created by `ip -n A link add … peer name … netns B`, i.e. from inside
     /// namespace A directly into A and B: nothing ever appears in the root namespace.
     pub fn veth(&self, a: VethEnd<'_>, b: VethEnd<'_>, mtu: u32) -> io::Result<()> {
+        self.veth_with_queues(a, b, mtu, 1)
+    }
+
+    /// [`veth`](Self::veth) with `queues` transmit and receive queues on each end (1 to 64):
+    /// a sender on transmit queue `q` of one end lands on receive queue `q` of the other, so a
+    /// multi-queue receiver (one AF_XDP socket per queue) can be given traffic on every queue.
+    pub fn veth_with_queues(
+        &self,
+        a: VethEnd<'_>,
+        b: VethEnd<'_>,
+        mtu: u32,
+        queues: u32,
+    ) -> io::Result<()> {
+        if !(1..=64).contains(&queues) {
+            return Err(invalid(format!("veth queues {queues}: must be 1 to 64")));
+        }
         for end in [&a, &b] {
             self.check_own(end.ns)?;
             if end.ifname.is_empty() || end.ifname.len() > 15 || end.ifname.contains('/') {
@@ -604,12 +620,17 @@ impl Lab {
             }
         }
         let mtu = mtu.to_string();
+        let queues = queues.to_string();
         a.ns.ip(&[
             "link",
             "add",
             a.ifname,
             "mtu",
             &mtu,
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
             "type",
             "veth",
             "peer",
@@ -619,6 +640,10 @@ impl Lab {
             b.ns.name(),
             "mtu",
             &mtu,
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
         ])?;
         for end in [&a, &b] {
             if let Some(cidr) = end.cidr {
