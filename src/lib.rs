@@ -13,6 +13,7 @@ pub mod bird_lab;
 pub mod blast;
 pub mod forward_bench;
 pub mod lab;
+pub mod measure;
 pub mod netns;
 pub mod status;
 pub mod table;
