@@ -361,19 +361,52 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Packets per second delivered through `lb mux` (1 and 2 workers) against the kernel's own
-    /// IP forwarding, on veth in network namespaces the benchmark creates (root).
-    Forward {
-        /// Seconds per sender run.
-        #[arg(long, default_value_t = 3.0)]
-        seconds: f64,
-        /// Rounds of every case (they alternate).
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// Distinct flows.
-        #[arg(long, default_value_t = 1024)]
-        flows: u16,
-    },
+    /// Packets per second delivered through `lb mux` (AF_PACKET and AF_XDP, 1 and 2 workers)
+    /// against the kernel's own IP forwarding, with the mux's CPU time per packet and its
+    /// kernel drops, on veth in network namespaces the benchmark creates (root).
+    Forward(ForwardArgs),
+}
+
+#[derive(Args)]
+struct ForwardArgs {
+    /// Seconds per sender run.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Rounds of every case (they alternate).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Distinct flows (UDP source ports).
+    #[arg(long, default_value_t = 1024, conflicts_with = "new_flows")]
+    flows: u16,
+    /// Send TCP SYNs of a new 5-tuple each (a SYN flood's new-flow rate) instead of steady flows.
+    #[arg(long)]
+    new_flows: bool,
+    /// The cases, in the order each round runs them: kernel, af_packet, af_xdp.
+    #[arg(long, value_delimiter = ',', default_value = "kernel,af_packet,af_xdp")]
+    cases: Vec<forward_bench::Forwarder>,
+    /// Worker counts of every mux case.
+    #[arg(long, value_delimiter = ',', default_value = "1,2",
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    workers: Vec<u16>,
+    /// The sender: auto (the fastest that opens), af_packet.
+    #[arg(long, value_enum, default_value_t = SenderArg::Auto)]
+    sender: SenderArg,
+    /// Sender threads, one per transmit queue of the sender's veth (1 or 2).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+    sender_threads: u8,
+    /// Cap the sender at this many frames per second (all threads together).
+    #[arg(long)]
+    pps: Option<u64>,
+    /// One JSON object per case, one per line, instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `lb bench forward --sender`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum SenderArg {
+    Auto,
+    AfPacket,
 }
 
 /// What `lb check-config` says of a valid config besides "ok": the memory it needs on a mux,
@@ -480,23 +513,33 @@ fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Bench {
-            what:
-                BenchCommand::Forward {
-                    seconds,
-                    rounds,
-                    flows,
-                },
+            what: BenchCommand::Forward(args),
         } => {
             let plan = forward_bench::ForwardPlan {
-                duration: std::time::Duration::from_secs_f64(seconds.clamp(0.1, 60.0)),
-                rounds: rounds.clamp(1, 20),
-                flows,
-                ..forward_bench::ForwardPlan::default()
+                duration: std::time::Duration::from_secs_f64(args.seconds.clamp(0.1, 60.0)),
+                rounds: args.rounds.clamp(1, 20),
+                traffic: if args.new_flows {
+                    lb::blast::Traffic::NewFlows
+                } else {
+                    lb::blast::Traffic::Flows(args.flows)
+                },
+                forwarders: args.cases,
+                workers: args.workers.into_iter().map(usize::from).collect(),
+                sender: match args.sender {
+                    SenderArg::Auto => forward_bench::SenderChoice::Auto,
+                    SenderArg::AfPacket => forward_bench::SenderChoice::AfPacket,
+                },
+                sender_threads: usize::from(args.sender_threads),
+                pps: args.pps,
             };
             lb::netns::remove_labs_on_signal()?;
             let lb = std::env::current_exe()?;
             let cases = forward_bench::run(&plan, &lb, &mut |line| eprintln!("{line}"))?;
-            write!(out, "{}", forward_bench::table(&cases))?;
+            if args.json {
+                forward_bench::write_json(&cases, out)?;
+            } else {
+                write!(out, "{}", forward_bench::table(&cases))?;
+            }
         }
         Command::Mux(args) => {
             init_logs();
