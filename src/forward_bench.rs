@@ -327,9 +327,7 @@ fn build(lab: &mut Lab) -> io::Result<Topology> {
     })
 }
 
-/// The mux's config for `io` and `workers`, and a note when this build's config has no
-/// `[node] io` (then AF_PACKET, its only I/O, runs without the key). An error is why the case
-/// cannot run: the config this build refuses.
+/// The mux's config for `io` and `workers` (see [`config_with_io`]).
 fn mux_config(
     io: Io,
     workers: usize,
@@ -340,20 +338,38 @@ fn mux_config(
         Traffic::Flows(_) => "udp",
         Traffic::NewFlows => "tcp",
     };
-    let text = |io_line: &str| {
-        format!(
-            "[node]\nname = \"bench\"\ninterface = \"m-in\"\naddress_v4 = \"198.18.41.1\"\n\
+    config_with_io(
+        Some(io),
+        "the forwarding benchmark's mux config",
+        |io_line| {
+            format!(
+                "[node]\nname = \"bench\"\ninterface = \"m-in\"\naddress_v4 = \"198.18.41.1\"\n\
              workers = {workers}\nmtu = 1600\ncontrol_socket = {socket:?}\n{io_line}\n\
              [[vip]]\nname = \"blast\"\naddress = \"{VIP}\"\nprotocol = \"{protocol}\"\n\
              port = \"all\"\nencap = \"ipip\"\n  [[vip.backend]]\n  address = \"{BACKEND}\"\n"
-        )
-    };
-    let with_io = text(&format!("io = \"{}\"\n", io.name()));
-    match Config::from_toml(&with_io, "forward-bench mux config") {
+            )
+        },
+    )
+}
+
+/// A config that `text` writes with `[node] io` set to `io` (its `io = ...` line is given to
+/// `text`; none for `None`, the build's default), checked by this build's config reader. When
+/// this build's config has no `io` key, AF_PACKET (its only I/O) gets the config without it
+/// and a note saying so. An error is why the config cannot be used.
+pub(crate) fn config_with_io(
+    io: Option<Io>,
+    origin: &str,
+    text: impl Fn(&str) -> String,
+) -> Result<(String, Option<String>), String> {
+    let with_io = text(
+        &io.map(|io| format!("io = \"{}\"\n", io.name()))
+            .unwrap_or_default(),
+    );
+    match Config::from_toml(&with_io, origin) {
         Ok(_) => Ok((with_io, None)),
         Err(e) => {
             let without = text("");
-            if io == Io::AfPacket && Config::from_toml(&without, "forward-bench").is_ok() {
+            if io == Some(Io::AfPacket) && Config::from_toml(&without, origin).is_ok() {
                 Ok((
                     without,
                     Some(
@@ -362,7 +378,7 @@ fn mux_config(
                     ),
                 ))
             } else {
-                Err(format!("the mux's config is refused: {e}"))
+                Err(format!("the config is refused: {e}"))
             }
         }
     }

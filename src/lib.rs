@@ -2,6 +2,8 @@
 //!
 //! - [`table`]: `lb table` and `lb table diff`, the operator's view of Maglev tables.
 //! - [`bench`](mod@bench): `lb bench table`, and the deterministic inputs the criterion benches use too.
+//! - [`forward_bench`] and [`tcp_bench`]: `lb bench forward` and `lb bench tcp`, packets and TCP
+//!   through `lb mux` (and `lb agent`) against the kernel's forwarding, in namespaces.
 //! - [`status`]: `lb status` and `lb ctl`: the nodes' control-socket answers for a person.
 //! - [`lab`]: the fleet lab (`lb lab`): namespaces, processes, traffic and experiments.
 //!
@@ -17,4 +19,5 @@ pub mod measure;
 pub mod netns;
 pub mod status;
 pub mod table;
+pub mod tcp_bench;
 pub mod topology;

@@ -365,6 +365,29 @@ enum BenchCommand {
     /// against the kernel's own IP forwarding, with the mux's CPU time per packet and its
     /// kernel drops, on veth in network namespaces the benchmark creates (root).
     Forward(ForwardArgs),
+    /// TCP throughput (iperf3) from a client to the VIP through `lb mux` and `lb agent`,
+    /// against the kernel's forwarding over the same hops, in the lab's fleet (root).
+    Tcp(TcpArgs),
+}
+
+#[derive(Args)]
+struct TcpArgs {
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Rounds of every case (they alternate).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Parallel TCP streams per run (iperf3 -P).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+    streams: u8,
+    /// The cases, in the order each round runs them: kernel, lb (the mux on the build's
+    /// default I/O), lb_af_packet, lb_af_xdp.
+    #[arg(long, value_delimiter = ',', default_value = "kernel,lb")]
+    cases: Vec<lb::tcp_bench::TcpCase>,
+    /// One JSON object per case, one per line, instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -539,6 +562,24 @@ fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 forward_bench::write_json(&cases, out)?;
             } else {
                 write!(out, "{}", forward_bench::table(&cases))?;
+            }
+        }
+        Command::Bench {
+            what: BenchCommand::Tcp(args),
+        } => {
+            let plan = lb::tcp_bench::TcpPlan {
+                duration: std::time::Duration::from_secs_f64(args.seconds.clamp(1.0, 120.0)),
+                rounds: args.rounds.clamp(1, 20),
+                streams: usize::from(args.streams),
+                cases: args.cases,
+            };
+            lb::netns::remove_labs_on_signal()?;
+            let lb = std::env::current_exe()?;
+            let cases = lb::tcp_bench::run(&plan, &lb, &mut |line| eprintln!("{line}"))?;
+            if args.json {
+                lb::tcp_bench::write_json(&cases, out)?;
+            } else {
+                write!(out, "{}", lb::tcp_bench::table(&cases))?;
             }
         }
         Command::Mux(args) => {

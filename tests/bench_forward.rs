@@ -39,7 +39,9 @@ const ROUND_FIELDS: [&str; 8] = [
 
 #[test]
 fn the_forwarding_benchmark_reports_every_figure_of_the_kernel_and_the_mux_as_json() {
-    require_root("bench_forward::the_forwarding_benchmark_reports_every_figure_of_the_kernel_and_the_mux_as_json");
+    require_root(
+        "bench_forward::the_forwarding_benchmark_reports_every_figure_of_the_kernel_and_the_mux_as_json",
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_lb"))
         .args([
             "bench",
@@ -81,7 +83,11 @@ fn the_forwarding_benchmark_reports_every_figure_of_the_kernel_and_the_mux_as_js
         let rounds = c["per_round"].as_array().unwrap();
         assert_eq!(rounds.len(), 1, "{c}");
         for field in ROUND_FIELDS {
-            assert!(rounds[0].get(field).is_some(), "no {field} in {}", rounds[0]);
+            assert!(
+                rounds[0].get(field).is_some(),
+                "no {field} in {}",
+                rounds[0]
+            );
         }
         assert_eq!(c["loadavg_start"].as_array().unwrap().len(), 3, "{c}");
     }
@@ -93,7 +99,10 @@ fn the_forwarding_benchmark_reports_every_figure_of_the_kernel_and_the_mux_as_js
     assert_eq!(mux["case"], "af_packet");
     assert_eq!(mux["workers"], 1);
     assert!(mux["ratio_to_kernel"].as_f64().unwrap() > 0.0, "{mux}");
-    assert!(mux["mux_cpu_ns_per_packet"].as_f64().unwrap() > 0.0, "{mux}");
+    assert!(
+        mux["mux_cpu_ns_per_packet"].as_f64().unwrap() > 0.0,
+        "{mux}"
+    );
     assert!(mux["kernel_drops"].is_u64(), "{mux}");
     // The mux saw at least the frames it delivered (the sink counts only what it forwarded).
     let round = &mux["per_round"][0];
