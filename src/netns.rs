@@ -332,6 +332,12 @@ fn sysctl_path(key: &str) -> io::Result<PathBuf> {
     Ok(Path::new("/proc/sys").join(key.replace('.', "/")))
 }
 
+/// Transmit and receive queues of every veth the lab creates: one per core of a 2-core
+/// machine, so that a mux on AF_XDP (one socket per receive queue) can run two workers. A veth
+/// delivers a packet on the peer's receive queue of the index the sender transmitted on, and
+/// the kernel spreads forwarded flows over transmit queues by hash.
+pub const VETH_QUEUES: u32 = 2;
+
 /// One end of a veth pair for [`Lab::veth`]: the namespace, the interface name (at most 15
 /// bytes) and optionally an address with prefix length, e.g. `"198.18.1.2/24"`.
 #[derive(Clone, Copy, Debug)]
@@ -591,7 +597,8 @@ impl Lab {
         Ok(ns)
     }
 
-    /// Creates a veth pair with one end in each namespace (both of this lab), sets `mtu` on
+    /// Creates a veth pair with one end in each namespace (both of this lab), with
+    /// [`VETH_QUEUES`] queues each way, sets `mtu` on
     /// both, adds the addresses and brings both ends up.
     ///
     /// The pair is created by `ip -n A link add … peer name … netns B`, i.e. from inside
@@ -604,10 +611,15 @@ impl Lab {
             }
         }
         let mtu = mtu.to_string();
+        let queues = VETH_QUEUES.to_string();
         a.ns.ip(&[
             "link",
             "add",
             a.ifname,
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
             "mtu",
             &mtu,
             "type",
@@ -615,6 +627,10 @@ impl Lab {
             "peer",
             "name",
             b.ifname,
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
             "netns",
             b.ns.name(),
             "mtu",
