@@ -49,8 +49,8 @@ use crate::lab::live::wait_answering;
 use crate::measure::{ProcessCpu, loadavg, median};
 use crate::netns::{Lab, Namespace, VethEnd, require_root};
 
-/// Transmit and receive queues of both veth pairs.
-pub const QUEUES: usize = 2;
+/// Transmit and receive queues of both veth pairs (every lab veth has them).
+pub const QUEUES: usize = crate::netns::VETH_QUEUES as usize;
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 const SENDER: Ipv4Addr = Ipv4Addr::new(198, 18, 40, 2);
 const BACKEND: &str = "198.18.41.3";
@@ -278,18 +278,15 @@ fn build(lab: &mut Lab) -> io::Result<Topology> {
     let sender = lab.namespace("snd")?;
     let mux = lab.namespace("mux")?;
     let sink = lab.namespace("sink")?;
-    let queues = QUEUES as u32;
-    lab.veth_with_queues(
+    lab.veth(
         VethEnd::new(&sender, "s0", "198.18.40.2/24"),
         VethEnd::new(&mux, "m-in", "198.18.40.1/24"),
         1600,
-        queues,
     )?;
-    lab.veth_with_queues(
+    lab.veth(
         VethEnd::new(&mux, "m-out", "198.18.41.1/24"),
         VethEnd::new(&sink, "k0", "198.18.41.2/24"),
         1600,
-        queues,
     )?;
     let sink_mac = sink.mac("k0")?;
     let mac_text: Vec<String> = sink_mac.iter().map(|b| format!("{b:02x}")).collect();

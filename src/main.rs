@@ -607,7 +607,10 @@ fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Lab { what } => return run_lab(what, out),
+        Command::Lab { what } => {
+            lb::topology::lab_io().map_err(anyhow::Error::msg)?;
+            return run_lab(what, out);
+        }
         Command::Ctl { socket, json, what } => {
             let req = match what {
                 CtlCommand::Drain { backend, vip } => Request::Drain { backend, vip },

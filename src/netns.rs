@@ -332,6 +332,12 @@ fn sysctl_path(key: &str) -> io::Result<PathBuf> {
     Ok(Path::new("/proc/sys").join(key.replace('.', "/")))
 }
 
+/// Transmit and receive queues of every veth the lab creates: one per core of a 2-core
+/// machine, so that a mux on AF_XDP (one socket per receive queue) can run two workers. A veth
+/// delivers a packet on the peer's receive queue of the index the sender transmitted on, and
+/// the kernel spreads forwarded flows over transmit queues by hash.
+pub const VETH_QUEUES: u32 = 2;
+
 /// One end of a veth pair for [`Lab::veth`]: the namespace, the interface name (at most 15
 /// bytes) and optionally an address with prefix length, e.g. `"198.18.1.2/24"`.
 #[derive(Clone, Copy, Debug)]
@@ -591,28 +597,13 @@ impl Lab {
         Ok(ns)
     }
 
-    /// Creates a veth pair with one end in each namespace (both of this lab), sets `mtu` on
+    /// Creates a veth pair with one end in each namespace (both of this lab), with
+    /// [`VETH_QUEUES`] queues each way, sets `mtu` on
     /// both, adds the addresses and brings both ends up.
     ///
     /// The pair is created by `ip -n A link add … peer name … netns B`, i.e. from inside
     /// namespace A directly into A and B: nothing ever appears in the root namespace.
     pub fn veth(&self, a: VethEnd<'_>, b: VethEnd<'_>, mtu: u32) -> io::Result<()> {
-        self.veth_with_queues(a, b, mtu, 1)
-    }
-
-    /// [`veth`](Self::veth) with `queues` transmit and receive queues on each end (1 to 64):
-    /// a sender on transmit queue `q` of one end lands on receive queue `q` of the other, so a
-    /// multi-queue receiver (one AF_XDP socket per queue) can be given traffic on every queue.
-    pub fn veth_with_queues(
-        &self,
-        a: VethEnd<'_>,
-        b: VethEnd<'_>,
-        mtu: u32,
-        queues: u32,
-    ) -> io::Result<()> {
-        if !(1..=64).contains(&queues) {
-            return Err(invalid(format!("veth queues {queues}: must be 1 to 64")));
-        }
         for end in [&a, &b] {
             self.check_own(end.ns)?;
             if end.ifname.is_empty() || end.ifname.len() > 15 || end.ifname.contains('/') {
@@ -620,30 +611,30 @@ impl Lab {
             }
         }
         let mtu = mtu.to_string();
-        let queues = queues.to_string();
+        let queues = VETH_QUEUES.to_string();
         a.ns.ip(&[
             "link",
             "add",
             a.ifname,
-            "mtu",
-            &mtu,
             "numtxqueues",
             &queues,
             "numrxqueues",
             &queues,
+            "mtu",
+            &mtu,
             "type",
             "veth",
             "peer",
             "name",
             b.ifname,
-            "netns",
-            b.ns.name(),
-            "mtu",
-            &mtu,
             "numtxqueues",
             &queues,
             "numrxqueues",
             &queues,
+            "netns",
+            b.ns.name(),
+            "mtu",
+            &mtu,
         ])?;
         for end in [&a, &b] {
             if let Some(cidr) = end.cidr {

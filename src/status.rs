@@ -203,6 +203,25 @@ fn render_mux(status: &Value) -> String {
             );
         }
     }
+    let io = &status["io"];
+    if io.is_object() {
+        let _ = writeln!(
+            s,
+            "io {}",
+            pairs(
+                io,
+                &[
+                    ("mode", "mode"),
+                    ("attach", "xdp"),
+                    ("bind", "bind"),
+                    ("queues", "queues")
+                ]
+            )
+        );
+        for why in array(&io["fallbacks"]) {
+            let _ = writeln!(s, "io fallback: {}", text(&why));
+        }
+    }
     for vip in array(&status["vips"]) {
         render_vip(&mut s, &vip);
     }

@@ -38,7 +38,38 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use lb_core::config::IoMode;
+
 use crate::netns::{Lab, Namespace, VethEnd};
+
+/// The environment variable that chooses the `node.io` of the lab's muxes (and the namespace
+/// tests'): `auto` (the default: AF_XDP on the lab's veths), `af_xdp` or `af_packet`.
+pub const LAB_IO_VARIABLE: &str = "LB_LAB_IO";
+
+/// The `node.io` the lab's muxes run with ([`LAB_IO_VARIABLE`]); an error names a bad value.
+pub fn lab_io() -> Result<IoMode, String> {
+    match std::env::var(LAB_IO_VARIABLE) {
+        Err(_) => Ok(IoMode::Auto),
+        Ok(v) => [IoMode::Auto, IoMode::AfXdp, IoMode::AfPacket]
+            .into_iter()
+            .find(|m| m.as_str() == v)
+            .ok_or_else(|| format!("{LAB_IO_VARIABLE}={v:?}: expected auto, af_xdp or af_packet")),
+    }
+}
+
+/// `config` (a mux's) with `io` set to [`lab_io`] in its `[node]` section, unless it sets `io`
+/// itself.
+pub fn with_lab_io(config: &str) -> Result<String, String> {
+    let io = lab_io()?;
+    if config.lines().any(|l| l.trim_start().starts_with("io ")) {
+        return Ok(config.to_owned());
+    }
+    Ok(config.replacen(
+        "[node]\n",
+        &format!("[node]\nio = \"{}\"\n", io.as_str()),
+        1,
+    ))
+}
 
 /// What [`Fleet::build`] builds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -111,6 +111,9 @@ pub struct NodeConfig {
     /// Worker threads; 0 means one per CPU core.
     #[serde(default)]
     pub workers: u16,
+    /// The packet I/O the mux and the agent receive (and the mux sends) with.
+    #[serde(default)]
+    pub io: IoMode,
     /// MTU of the link towards the backends; larger encapsulated packets get an ICMP error.
     #[serde(default = "default_mtu")]
     pub mtu: u16,
@@ -160,6 +163,31 @@ pub enum Role {
     Agent,
     /// `lb healthcheck`.
     Healthcheck,
+}
+
+/// The packet I/O of `lb mux` and `lb agent` (`node.io`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoMode {
+    /// AF_XDP where it attaches, else AF_PACKET; the fallback is logged with its reason.
+    #[default]
+    Auto,
+    /// AF_XDP only: the process refuses to start when AF_XDP cannot attach.
+    AfXdp,
+    /// AF_PACKET rings in, raw IP sockets out.
+    AfPacket,
+}
+
+impl IoMode {
+    /// The name the config file uses.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::AfXdp => "af_xdp",
+            Self::AfPacket => "af_packet",
+        }
+    }
 }
 
 /// What happens to packets that match no VIP.

@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -217,6 +217,37 @@ pub struct ControlPlane {
     view: ArcSwap<View>,
     workers: Mutex<Vec<Arc<Mutex<WorkerReport>>>>,
     started: Instant,
+    /// The packet I/O in force, once the node opened its devices.
+    io: OnceLock<IoStatus>,
+    /// What must follow each publish outside the workers (AF_XDP steering).
+    hook: OnceLock<Arc<dyn PublishHook>>,
+}
+
+/// The packet I/O a node runs on, as `status` and the metrics show it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct IoStatus {
+    /// `af_xdp` or `af_packet`.
+    pub mode: String,
+    /// AF_XDP: where the steering program runs, `driver` or `skb`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attach: Option<String>,
+    /// AF_XDP: how the sockets are bound, `zero_copy` or `copy`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    /// AF_XDP: receive queues with a socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u32>,
+    /// Why a preferred mode is not in force (zero-copy, driver mode, AF_XDP itself).
+    pub fallbacks: Vec<String>,
+}
+
+/// Something outside the workers that must follow the published snapshot: the AF_XDP
+/// steering map (which addresses go to the sockets) and the next hops to resolve.
+pub trait PublishHook: Send + Sync {
+    /// Called before `snapshot` is published: start serving what it adds.
+    fn before_publish(&self, snapshot: &Snapshot);
+    /// Called after it is published: stop serving what it no longer has.
+    fn after_publish(&self, snapshot: &Snapshot);
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -292,6 +323,7 @@ fn warn_restart_only(old: &Config, new: &Config) {
     for (field, changed) in [
         ("node.interface", o.interface != n.interface),
         ("node.workers", o.workers != n.workers),
+        ("node.io", o.io != n.io),
         (
             "node.conntrack_capacity",
             o.conntrack_capacity != n.conntrack_capacity,
@@ -348,9 +380,27 @@ impl ControlPlane {
             }),
             workers: Mutex::new(Vec::new()),
             started: Instant::now(),
+            io: OnceLock::new(),
+            hook: OnceLock::new(),
         });
         plane.log_published(&shared.snapshot.load(), None, "started");
         Ok((plane, shared))
+    }
+
+    /// Records the packet I/O the node runs on (once; later calls are ignored).
+    pub fn set_io(&self, io: IoStatus) {
+        let _ = self.io.set(io);
+    }
+
+    /// The packet I/O the node runs on, once recorded.
+    #[must_use]
+    pub fn io(&self) -> Option<&IoStatus> {
+        self.io.get()
+    }
+
+    /// Installs what must follow every publish from now on (once; later calls are ignored).
+    pub fn set_publish_hook(&self, hook: Arc<dyn PublishHook>) {
+        let _ = self.hook.set(hook);
     }
 
     /// The config file.
@@ -428,7 +478,14 @@ impl ControlPlane {
             );
         }
         let snapshot = Arc::new(snapshot);
+        let hook = self.hook.get();
+        if let Some(h) = hook {
+            h.before_publish(&snapshot);
+        }
         self.shared.snapshot.store(Arc::clone(&snapshot));
+        if let Some(h) = hook {
+            h.after_publish(&snapshot);
+        }
         self.update_view(inner, |v| {
             v.base = base;
             v.overrides = overrides;
@@ -840,6 +897,7 @@ impl ControlPlane {
                 "held": view.held.as_ref().map(|h| &h.reason),
             },
             "vips": vips,
+            "io": self.io.get(),
             "counters": {
                 "frames": totals.counters.packets,
                 "encapsulated": totals.counters.encapsulated,
@@ -849,6 +907,7 @@ impl ControlPlane {
                 "sent": totals.sent,
                 "send_failed": totals.send_failed,
                 "kernel_drops": totals.kernel_drops,
+                "tx_slow_path": totals.tx_slow_path,
                 "device_errors": totals.device_errors,
                 "drops": drops,
             },
@@ -923,6 +982,8 @@ pub struct Totals {
     pub send_failed: u64,
     /// Frames dropped by the kernel before a worker saw them.
     pub kernel_drops: u64,
+    /// Packets sent on the kernel's path because the device could not send them.
+    pub tx_slow_path: u64,
     /// Device errors.
     pub device_errors: u64,
     /// Per-backend traffic.
@@ -960,6 +1021,7 @@ impl Totals {
         self.sent += r.sent;
         self.send_failed += r.send_failed;
         self.kernel_drops += r.kernel_drops;
+        self.tx_slow_path += r.tx_slow_path;
         self.device_errors += r.device_errors;
         for (key, t) in &r.backends {
             let sum = self.backends.entry(key.clone()).or_default();

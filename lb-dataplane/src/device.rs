@@ -2,8 +2,8 @@
 //! batches, a [`Transmitter`] queues IP packets and sends them in batches.
 //!
 //! Implementations: [`crate::afpacket`] (AF_PACKET TPACKET_V3 rings, `PACKET_FANOUT_HASH`) and
-//! [`crate::rawip`] (raw IP sockets, `sendmmsg`) on a real interface; [`crate::memory`] for tests
-//! without root.
+//! [`crate::rawip`] (raw IP sockets, `sendmmsg`) on a real interface; [`crate::xdp`] (AF_XDP
+//! sockets for both); [`crate::memory`] for tests without root.
 //!
 //! **Invariant.** Neither trait allocates or makes a syscall per packet: a syscall per batch at
 //! most (a `poll` when the ring is empty, one `sendmmsg` per address family per flush).
@@ -58,6 +58,12 @@ pub trait Transmitter: Send {
 
     /// Packets queued and not yet flushed.
     fn queued(&self) -> usize;
+
+    /// Packets this device could not send itself and handed to the kernel's own path instead
+    /// (AF_XDP: next hop not resolved yet), since it was opened.
+    fn slow_path(&self) -> u64 {
+        0
+    }
 }
 
 /// The destination address in an IP packet's header, if it has a whole one.

@@ -10,7 +10,8 @@
 //! `backend_bytes_total{vip,backend}`, `vip_packets_total{vip}`, `vip_bytes_total{vip}`,
 //! `conntrack_entries{class}`, `conntrack_capacity`, `conntrack_evictions_total{cause}`,
 //! `conntrack_lookups_total{result}`, `conntrack_full_total`, `sent_total`, `send_failed_total`,
-//! `kernel_drops_total`, `device_errors_total`, `reloads_total{result}`, `config_generation`,
+//! `kernel_drops_total`, `tx_slow_path_total`, `io_mode{mode,attach,bind}` (value 1),
+//! `device_errors_total`, `reloads_total{result}`, `config_generation`,
 //! `table_info{vip,fingerprint}` (value 1), `worker_batches_total{worker}`,
 //! `worker_frames_total{worker}`, `worker_largest_batch{worker}`,
 //! `worker_last_seen_seconds{worker}`.
@@ -88,6 +89,15 @@ pub fn update(plane: &ControlPlane) {
         counter!("lb_vip_packets_total", "vip" => vip.to_owned()).absolute(packets);
         counter!("lb_vip_bytes_total", "vip" => vip.to_owned()).absolute(bytes);
     }
+    if let Some(io) = plane.io() {
+        gauge!(
+            "lb_io_mode",
+            "mode" => io.mode.clone(),
+            "attach" => io.attach.clone().unwrap_or_default(),
+            "bind" => io.bind.clone().unwrap_or_default()
+        )
+        .set(1.0);
+    }
     gauge!("lb_conntrack_entries", "class" => "trusted").set(totals.trusted as f64);
     gauge!("lb_conntrack_entries", "class" => "untrusted").set(totals.untrusted as f64);
     gauge!("lb_conntrack_capacity").set(totals.capacity as f64);
@@ -103,6 +113,7 @@ pub fn update(plane: &ControlPlane) {
     counter!("lb_sent_total").absolute(totals.sent);
     counter!("lb_send_failed_total").absolute(totals.send_failed);
     counter!("lb_kernel_drops_total").absolute(totals.kernel_drops);
+    counter!("lb_tx_slow_path_total").absolute(totals.tx_slow_path);
     counter!("lb_device_errors_total").absolute(totals.device_errors);
     let (reloads_ok, reloads_failed) = plane.reloads();
     counter!("lb_reloads_total", "result" => "ok").absolute(reloads_ok);

@@ -4,6 +4,7 @@
 //! - [`afpacket`]: AF_PACKET TPACKET_V3 receive rings with `PACKET_FANOUT_HASH`.
 //! - [`rawip`]: batched transmission of IP packets on raw sockets (`sendmmsg`); the kernel's
 //!   routing and neighbour tables find the next hop.
+//! - [`xdp`]: AF_XDP sockets, the XDP program that steers VIP frames into them, next hops.
 //! - [`tun`]: a TUN device (`IFF_TUN | IFF_NO_PI`) where the agent injects decapsulated packets.
 //! - [`sockdiag`]: `NETLINK_SOCK_DIAG` lookups of one TCP 4-tuple (does this host have it?).
 //! - [`memory`]: an in-memory device, so the whole worker loop runs under `cargo test` without
@@ -45,3 +46,4 @@ pub mod socket;
 pub mod tun;
 pub mod watch;
 pub mod worker;
+pub mod xdp;

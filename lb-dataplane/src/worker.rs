@@ -134,6 +134,8 @@ pub struct WorkerReport {
     pub send_failed: u64,
     /// Frames the kernel dropped before the worker saw them (receive ring full).
     pub kernel_drops: u64,
+    /// Packets the transmitter handed to the kernel's own path (AF_XDP: next hop unresolved).
+    pub tx_slow_path: u64,
     /// Errors of the device itself (receive or flush failed as a whole).
     pub device_errors: u64,
     /// The snapshot generation the worker last used.
@@ -449,6 +451,7 @@ fn run(
         local.heartbeat = Some(Instant::now());
         if stopping || last_report.elapsed() >= REPORT_INTERVAL {
             local.kernel_drops = receiver.kernel_drops();
+            local.tx_slow_path = transmitter.slow_path();
             local.counters = state.counters;
             local.conntrack = state.conntrack.counters();
             local.occupancy = Some(state.conntrack.occupancy());

@@ -275,8 +275,9 @@ impl LiveLab {
         let dir = self.dir();
         let mut s = format!(
             "version = 1\n\n[node]\nname = \"mux{i}\"\ninterface = \"m0\"\naddress_v4 = \"{}\"\nmtu = 1600\n\
-             control_socket = {:?}\nchain_window_seconds = {}\n",
+             io = \"{}\"\ncontrol_socket = {:?}\nchain_window_seconds = {}\n",
             Fleet::mux_address(i),
+            crate::topology::lab_io().unwrap_or_default().as_str(),
             self.mux_socket(i),
             if self.plan.chaining { 30 } else { 0 },
         );

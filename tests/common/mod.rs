@@ -576,11 +576,11 @@ pub fn start_node(
 ) -> Node {
     let socket = lab.log_dir().join(format!("{name}.sock"));
     let config = lab.log_dir().join(format!("{name}.toml"));
-    std::fs::write(
-        &config,
-        config_text.replace("SOCKET", &format!("{socket:?}")),
-    )
-    .unwrap();
+    let mut text = config_text.replace("SOCKET", &format!("{socket:?}"));
+    if role == "mux" {
+        text = lb::topology::with_lab_io(&text).unwrap_or_else(|e| panic!("{e}"));
+    }
+    std::fs::write(&config, text).unwrap();
     let pid = lab
         .spawn(
             ns,
@@ -754,4 +754,17 @@ pub fn line_server(ns: &Namespace, port: u16, j: usize, stop: Arc<AtomicBool>) {
         }
     });
     ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+}
+
+/// Whether the AF_XDP steering program hands `frame` (Ethernet) to the mux: IPv4 or IPv6 by its
+/// EtherType, long enough to hold the destination address, addressed to `vip`. Mirrors
+/// `lb_dataplane::xdp::bpf::steering_program`.
+pub fn steered_to_vip(frame: &[u8], vip: IpAddr) -> bool {
+    let dst = match (frame.get(12..14), vip) {
+        (Some([0x08, 0x00]), IpAddr::V4(v)) => frame.get(30..34).map(|d| d == v.octets()),
+        (Some([0x86, 0xdd]), IpAddr::V6(v)) => frame.get(38..54).map(|d| d == v.octets()),
+        _ => None,
+    };
+    // The program also needs a whole IPv4 header's worth of frame.
+    dst == Some(true) && frame.len() >= 34
 }
