@@ -23,6 +23,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use etherparse::PacketBuilder;
+use lb_dataplane::xdp::xsk::{Xsk, XskConfig, XskTx};
 
 use crate::netns::Namespace;
 
@@ -117,6 +118,12 @@ impl FrameSource {
         })
     }
 
+    /// Whether this share has no frame at all (more parts than fixed flows).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        matches!(&self.frames, Frames::Fixed(f) if f.is_empty())
+    }
+
     /// Writes the next frame into `buf` and returns its length; 0 if there is none (more parts
     /// than fixed flows, or no frames given) or `buf` is too short for it.
     pub fn write_next(&mut self, buf: &mut [u8]) -> usize {
@@ -204,6 +211,8 @@ fn udp_frame(e: &Endpoints, sport: u16) -> [u8; FRAME_LEN] {
 pub enum SenderKind {
     /// AF_PACKET `sendmmsg` with `PACKET_QDISC_BYPASS`.
     AfPacket,
+    /// An AF_XDP socket per thread ([`lb_dataplane::xdp::xsk`]), bound to transmit queue `q`.
+    AfXdp,
 }
 
 impl SenderKind {
@@ -212,8 +221,17 @@ impl SenderKind {
     pub fn name(self) -> &'static str {
         match self {
             Self::AfPacket => "af_packet",
+            Self::AfXdp => "af_xdp",
         }
     }
+}
+
+/// Whether an AF_XDP send socket opens on queue 0 of `interface` in `ns` (`Err`: why not).
+pub fn af_xdp_opens(ns: &Namespace, interface: &str) -> io::Result<()> {
+    let interface = interface.to_owned();
+    ns.enter(move || open_xsk(&interface, 0).map(drop))
+        .join()
+        .map_err(|_| io::Error::other("AF_XDP probe thread panicked"))?
 }
 
 /// The bounds and pace of a run.
@@ -270,6 +288,7 @@ pub fn run(
                 pin_to_cpu(q)?;
                 match kind {
                     SenderKind::AfPacket => af_packet(&interface, source, share),
+                    SenderKind::AfXdp => af_xdp(&interface, q, source, share),
                 }
             })
         })
@@ -418,6 +437,73 @@ fn af_packet(interface: &str, mut source: FrameSource, limits: Limits) -> io::Re
         sent += n as u64;
         first += n;
         pending -= n;
+        pace.wait(sent);
+    }
+    Ok(Sent {
+        packets: sent,
+        elapsed: pace.start.elapsed(),
+    })
+}
+
+/// Frames pushed to an AF_XDP socket per flush (copy mode moves 32 per `sendto` kick).
+const XDP_BATCH: u64 = 256;
+
+/// An AF_XDP send-only socket on queue `queue` of `interface` (calling thread's namespace).
+fn open_xsk(interface: &str, queue: usize) -> io::Result<XskTx> {
+    let index = interface_index(interface)?;
+    let config = XskConfig {
+        frame_size: MAX_FRAME as u32,
+        rx_frames: 0,
+        tx_frames: 2048,
+    };
+    let queue = u32::try_from(queue).map_err(|_| io::Error::other("queue out of range"))?;
+    // A socket closed on this queue a moment ago (the probe's, the last run's) keeps it busy
+    // until the kernel's deferred release has run.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match Xsk::open(index.unsigned_abs(), queue, config) {
+            Ok((_, tx, _mode, _why_not_zero_copy)) => return Ok(tx),
+            Err(e) if e.kind() == io::ErrorKind::ResourceBusy && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("AF_XDP socket on {interface} queue {queue}: {e}"),
+                ));
+            }
+        }
+    }
+}
+
+/// One AF_XDP sender thread on transmit queue `queue` (in the caller's namespace): pushes up
+/// to [`XDP_BATCH`] frames, flushes, counts what the kernel took.
+fn af_xdp(
+    interface: &str,
+    queue: usize,
+    mut source: FrameSource,
+    limits: Limits,
+) -> io::Result<Sent> {
+    if source.is_empty() {
+        return Ok(Sent::default());
+    }
+    let mut tx = open_xsk(interface, queue)?;
+    let pace = Pace {
+        start: Instant::now(),
+        pps: limits.pps,
+    };
+    let mut sent = 0u64;
+    while sent < limits.max_packets && pace.start.elapsed() < limits.duration {
+        let room = limits
+            .max_packets
+            .saturating_sub(sent + u64::from(tx.unsent()))
+            .min(XDP_BATCH);
+        for _ in 0..room {
+            if !tx.push_with(|buf| source.write_next(buf)) {
+                break;
+            }
+        }
+        sent += tx.flush()?;
         pace.wait(sent);
     }
     Ok(Sent {

@@ -5,9 +5,14 @@
 //! ```text
 //!  sender s0 198.18.40.2 ══ m-in 198.18.40.1 [mux] m-out 198.18.41.1 ══ k0 198.18.41.2 sink
 //! ```
+//! - The sender is AF_XDP (one send-only socket per thread, on the lead's
+//!   [`lb_dataplane::xdp::xsk`]) when it opens, else AF_PACKET `sendmmsg`; AF_XDP sends about
+//!   1.5 times as fast here, so the mux, not the sender, is the bottleneck.
 //! - Both veth pairs have [`QUEUES`] queues each way. The sender ([`crate::blast`]) runs one
-//!   thread per transmit queue of `s0` (by default all of them), so a multi-queue receiver on
-//!   `m-in` gets traffic on every receive queue; each flow stays on one queue.
+//!   thread per transmit queue of `s0` it uses, and a veth delivers on the peer's receive
+//!   queue of the same index; each flow stays on one queue. By default a case's sender uses
+//!   the queues its forwarder serves ([`sender_threads`]): all for the kernel, one per worker
+//!   for a mux (on AF_XDP, worker `i` owns receive queue `i`).
 //! - Traffic: 64-byte UDP frames over `flows` source ports to the VIP 198.18.100.1, or with
 //!   `new_flows` TCP SYNs of a new 5-tuple each (a SYN flood's new-flow rate).
 //! - **kernel**: the mux namespace forwards (`ip_forward=1`, a route for the VIP via
@@ -123,6 +128,8 @@ pub enum SenderChoice {
     Auto,
     /// AF_PACKET `sendmmsg`.
     AfPacket,
+    /// AF_XDP sockets (copy mode on veth).
+    AfXdp,
 }
 
 /// What to measure.
@@ -140,8 +147,9 @@ pub struct ForwardPlan {
     pub workers: Vec<usize>,
     /// The sender.
     pub sender: SenderChoice,
-    /// Sender threads, 1 to [`QUEUES`] (thread `q` sends on queue `q`).
-    pub sender_threads: usize,
+    /// Sender threads, 1 to [`QUEUES`] (thread `q` sends on queue `q`), for every case;
+    /// `None`: per case, one per receive queue its forwarder serves ([`sender_threads`]).
+    pub sender_threads: Option<usize>,
     /// The sender's rate cap (frames per second, all threads); `None`: as fast as it can.
     pub pps: Option<u64>,
 }
@@ -159,7 +167,7 @@ impl Default for ForwardPlan {
             ],
             workers: vec![1, 2],
             sender: SenderChoice::Auto,
-            sender_threads: QUEUES,
+            sender_threads: None,
             pps: None,
         }
     }
@@ -182,6 +190,10 @@ pub struct Round {
     pub kernel_drops: Option<u64>,
     /// Frames the mux's workers received (its `frames` counter).
     pub mux_frames: Option<u64>,
+    /// Packets the mux sent on the raw-socket path instead of AF_XDP (`tx_slow_path`).
+    pub tx_slow_path: Option<u64>,
+    /// The mux's I/O as its status showed it.
+    pub mux_io: Option<IoInForce>,
     /// Per receive queue of `m-in`, frames XDP saw (0 without an XDP program).
     pub rx_queue_xdp_packets: Vec<u64>,
     /// Load average when the round started.
@@ -229,8 +241,8 @@ pub struct CaseReport {
     pub loadavg_start: [f64; 3],
     /// Load average when it ended.
     pub loadavg_end: [f64; 3],
-    /// Something to know about how the case ran.
-    pub note: Option<String>,
+    /// The mux's I/O in force, as its status showed it in the last round.
+    pub mux_io: Option<IoInForce>,
     /// Why the case could not run (from the round named in it on).
     pub error: Option<String>,
 }
@@ -250,6 +262,7 @@ impl CaseReport {
             median(&self.per_round.iter().filter_map(f).collect::<Vec<_>>())
         };
         self.rounds = self.per_round.len();
+        self.mux_io = self.per_round.iter().rev().find_map(|r| r.mux_io.clone());
         self.offered_pps = of(|r| Some(r.offered_pps));
         self.delivered_pps = of(|r| Some(r.delivered_pps));
         self.mux_cpu_ns_per_packet = of(|r| r.mux_cpu_ns_per_packet);
@@ -325,12 +338,7 @@ fn build(lab: &mut Lab) -> io::Result<Topology> {
 }
 
 /// The mux's config for `io` and `workers` (see [`config_with_io`]).
-fn mux_config(
-    io: Io,
-    workers: usize,
-    traffic: Traffic,
-    socket: &Path,
-) -> Result<(String, Option<String>), String> {
+fn mux_config(io: Io, workers: usize, traffic: Traffic, socket: &Path) -> Result<String, String> {
     let protocol = match traffic {
         Traffic::Flows(_) => "udp",
         Traffic::NewFlows => "tcp",
@@ -350,58 +358,65 @@ fn mux_config(
 }
 
 /// A config that `text` writes with `[node] io` set to `io` (its `io = ...` line is given to
-/// `text`; none for `None`, the build's default), checked by this build's config reader. When
-/// this build's config has no `io` key, AF_PACKET (its only I/O) gets the config without it
-/// and a note saying so. An error is why the config cannot be used.
+/// `text`; none for `None`, the build's default), checked by this build's config reader. An
+/// error is why the config cannot be used.
 pub(crate) fn config_with_io(
     io: Option<Io>,
     origin: &str,
     text: impl Fn(&str) -> String,
-) -> Result<(String, Option<String>), String> {
-    let with_io = text(
+) -> Result<String, String> {
+    let config = text(
         &io.map(|io| format!("io = \"{}\"\n", io.name()))
             .unwrap_or_default(),
     );
-    match Config::from_toml(&with_io, origin) {
-        Ok(_) => Ok((with_io, None)),
-        Err(e) => {
-            let without = text("");
-            if io == Some(Io::AfPacket) && Config::from_toml(&without, origin).is_ok() {
-                Ok((
-                    without,
-                    Some(
-                        "this build's config has no [node] io: AF_PACKET, its only I/O, ran without the key"
-                            .to_owned(),
-                    ),
-                ))
-            } else {
-                Err(format!("the config is refused: {e}"))
-            }
-        }
+    match Config::from_toml(&config, origin) {
+        Ok(_) => Ok(config),
+        Err(e) => Err(format!("the config is refused: {e}")),
     }
 }
 
 /// The part of a mux's status answer the benchmark reads.
 #[derive(Debug, Deserialize)]
-struct StatusAnswer {
+pub(crate) struct StatusAnswer {
     counters: StatusCounters,
+    pub(crate) io: Option<IoInForce>,
 }
 
 #[derive(Debug, Deserialize)]
 struct StatusCounters {
     frames: u64,
     kernel_drops: u64,
+    #[serde(default)]
+    tx_slow_path: u64,
 }
 
-fn mux_counters(socket: &Path) -> io::Result<StatusCounters> {
+/// The mux's packet I/O as its status shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct IoInForce {
+    /// `af_xdp` or `af_packet`.
+    pub mode: String,
+    /// AF_XDP: `driver` or `skb`.
+    #[serde(default)]
+    pub attach: Option<String>,
+    /// AF_XDP: `zero_copy` or `copy`.
+    #[serde(default)]
+    pub bind: Option<String>,
+    /// AF_XDP: receive queues with a socket.
+    #[serde(default)]
+    pub queues: Option<u32>,
+    /// Why a preferred mode is not in force.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+}
+
+pub(crate) fn mux_status(socket: &Path) -> io::Result<StatusAnswer> {
     let request_value = serde_json::to_value(Request::Status).map_err(io::Error::other)?;
     let answer = request(socket, &request_value)?;
-    let status: StatusAnswer = serde_json::from_value(answer.clone()).map_err(|e| {
+    serde_json::from_value(answer.clone()).map_err(|e| {
         io::Error::other(format!(
             "the mux's status answer lacks counters ({e}): {answer}"
         ))
-    })?;
-    Ok(status.counters)
+    })
 }
 
 /// Per receive queue of `ifname`, frames XDP saw (`rx_queue_N_xdp_packets` of `ethtool -S`).
@@ -433,6 +448,30 @@ fn parse_queue_counters(text: &str) -> Vec<u64> {
     queues
 }
 
+impl IoInForce {
+    /// `af_xdp (driver, copy, 2 queues); <fallbacks>`.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let mut parts: Vec<String> = [&self.attach, &self.bind]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        parts.extend(
+            self.queues
+                .map(|q| format!("{q} queue{}", if q == 1 { "" } else { "s" })),
+        );
+        let mut s = self.mode.clone();
+        if !parts.is_empty() {
+            s = format!("{s} ({})", parts.join(", "));
+        }
+        for f in &self.fallbacks {
+            s = format!("{s}; {f}");
+        }
+        s
+    }
+}
+
 /// A mux running for one round.
 struct RunningMux {
     pid: u32,
@@ -462,18 +501,12 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    fn start_mux(
-        &mut self,
-        io: Io,
-        workers: usize,
-        note: &mut Option<String>,
-    ) -> Result<RunningMux, CaseFailure> {
+    fn start_mux(&mut self, io: Io, workers: usize) -> Result<RunningMux, CaseFailure> {
         let lab = &mut self.lab;
         let name = format!("{}-{workers}", io.name());
         let socket = lab.log_dir().join(format!("{name}.sock"));
-        let (text, config_note) = mux_config(io, workers, self.plan.traffic, &socket)
+        let text = mux_config(io, workers, self.plan.traffic, &socket)
             .map_err(CaseFailure::CouldNotRun)?;
-        *note = config_note;
         let path = lab.log_dir().join(format!("{name}.toml"));
         std::fs::write(&path, text)?;
         let pid = lab.spawn(
@@ -516,17 +549,17 @@ impl Bench<'_> {
         forwarder: Forwarder,
         workers: Option<usize>,
         round: usize,
-        note: &mut Option<String>,
     ) -> Result<Round, CaseFailure> {
         let loadavg_start = loadavg()?;
         let mux = match (forwarder, workers) {
-            (Forwarder::Mux(io), Some(w)) => Some(self.start_mux(io, w, note)?),
+            (Forwarder::Mux(io), Some(w)) => Some(self.start_mux(io, w)?),
             _ => {
                 self.t.mux.sysctl("net.ipv4.ip_forward", "1")?;
                 None
             }
         };
-        let result = self.sample(mux.as_ref(), round, loadavg_start);
+        let threads = sender_threads(self.plan.sender_threads, forwarder, workers);
+        let result = self.sample(mux.as_ref(), round, threads, loadavg_start);
         match &mux {
             Some(m) => self.stop_mux(m)?,
             None => self.t.mux.sysctl("net.ipv4.ip_forward", "0")?,
@@ -539,6 +572,7 @@ impl Bench<'_> {
         &self,
         mux: Option<&RunningMux>,
         round: usize,
+        threads: usize,
         loadavg_start: [f64; 3],
     ) -> Result<Round, CaseFailure> {
         let t = &self.t;
@@ -546,7 +580,7 @@ impl Bench<'_> {
             // Let the mux settle (rings mapped, program attached) before the clock starts.
             std::thread::sleep(Duration::from_millis(200));
         }
-        let counters_before = mux.map(|m| mux_counters(&m.socket)).transpose()?;
+        let status_before = mux.map(|m| mux_status(&m.socket)).transpose()?;
         let queues_before = rx_queue_xdp_packets(&t.mux, "m-in")?;
         let cpu_before = mux.map(|m| ProcessCpu::read(m.pid)).transpose()?;
         let rx_before = t.sink.rx_packets("k0")?;
@@ -556,7 +590,7 @@ impl Bench<'_> {
             "s0",
             t.endpoints,
             self.plan.traffic,
-            self.plan.sender_threads,
+            threads,
             Limits {
                 duration: self.plan.duration,
                 max_packets: MAX_PACKETS,
@@ -566,14 +600,17 @@ impl Bench<'_> {
         std::thread::sleep(DRAIN);
         let rx_after = t.sink.rx_packets("k0")?;
         let cpu_after = mux.map(|m| ProcessCpu::read(m.pid)).transpose()?;
-        let counters_after = mux.map(|m| mux_counters(&m.socket)).transpose()?;
+        let status_after = mux.map(|m| mux_status(&m.socket)).transpose()?;
         let queues_after = rx_queue_xdp_packets(&t.mux, "m-in")?;
         let delivered = rx_after.saturating_sub(rx_before);
         let secs = sent.elapsed.as_secs_f64().max(1e-9);
         let cpu = cpu_before
             .zip(cpu_after)
             .map(|(before, after)| after.since(&before));
-        let counters = counters_before.zip(counters_after);
+        let io = status_after.as_ref().and_then(|s| s.io.clone());
+        let counters = status_before
+            .zip(status_after)
+            .map(|(b, a)| (b.counters, a.counters));
         Ok(Round {
             round,
             offered_pps: sent.pps(),
@@ -588,6 +625,10 @@ impl Bench<'_> {
             mux_frames: counters
                 .as_ref()
                 .map(|(b, a)| a.frames.saturating_sub(b.frames)),
+            tx_slow_path: counters
+                .as_ref()
+                .map(|(b, a)| a.tx_slow_path.saturating_sub(b.tx_slow_path)),
+            mux_io: io,
             rx_queue_xdp_packets: queues_after
                 .iter()
                 .enumerate()
@@ -600,13 +641,35 @@ impl Bench<'_> {
 }
 
 /// The sender `choice` resolves to, and a note when it is not the one asked for.
-fn resolve_sender(choice: SenderChoice) -> (SenderKind, Option<String>) {
+/// The sender threads of a case: `fixed`, or one per receive queue the forwarder serves: all
+/// [`QUEUES`] for the kernel, one per worker for a mux (its worker `i` serves receive queue
+/// `i` on AF_XDP: traffic on a queue without a worker would not be the mux's to forward).
+#[must_use]
+pub fn sender_threads(fixed: Option<usize>, forwarder: Forwarder, workers: Option<usize>) -> usize {
+    fixed.unwrap_or(match forwarder {
+        Forwarder::Kernel => QUEUES,
+        Forwarder::Mux(_) => workers.unwrap_or(1).clamp(1, QUEUES),
+    })
+}
+
+/// `auto` is AF_XDP when a socket opens on the sender's veth, else AF_PACKET; an AF_XDP
+/// sender asked for that does not open is an error.
+fn resolve_sender(choice: SenderChoice, t: &Topology) -> io::Result<(SenderKind, Option<String>)> {
     match choice {
-        SenderChoice::AfPacket => (SenderKind::AfPacket, None),
-        SenderChoice::Auto => (
-            SenderKind::AfPacket,
-            Some("no AF_XDP sender in this build: AF_PACKET sendmmsg".to_owned()),
-        ),
+        SenderChoice::AfPacket => Ok((SenderKind::AfPacket, None)),
+        SenderChoice::AfXdp => {
+            blast::af_xdp_opens(&t.sender, "s0")?;
+            Ok((SenderKind::AfXdp, None))
+        }
+        SenderChoice::Auto => Ok(match blast::af_xdp_opens(&t.sender, "s0") {
+            Ok(()) => (SenderKind::AfXdp, None),
+            Err(e) => (
+                SenderKind::AfPacket,
+                Some(format!(
+                    "the AF_XDP sender did not open ({e}): AF_PACKET sendmmsg"
+                )),
+            ),
+        }),
     }
 }
 
@@ -617,16 +680,18 @@ pub fn run(
     progress: &mut dyn FnMut(&str),
 ) -> io::Result<Vec<CaseReport>> {
     require_root("lb bench forward");
-    if !(1..=QUEUES).contains(&plan.sender_threads) {
+    if let Some(n) = plan.sender_threads
+        && !(1..=QUEUES).contains(&n)
+    {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("sender threads {}: 1 to {QUEUES}", plan.sender_threads),
+            format!("sender threads {n}: 1 to {QUEUES}"),
         ));
     }
     let loadavg_start = loadavg()?;
     let mut lab = Lab::new("fwd")?;
     let t = build(&mut lab)?;
-    let (sender, sender_note) = resolve_sender(plan.sender);
+    let (sender, sender_note) = resolve_sender(plan.sender, &t)?;
     let mut bench = Bench {
         lab,
         t,
@@ -658,7 +723,7 @@ pub fn run(
                         Traffic::NewFlows => None,
                     },
                     sender: sender.name(),
-                    sender_threads: plan.sender_threads,
+                    sender_threads: sender_threads(plan.sender_threads, f, w),
                     pps_cap: plan.pps,
                     seconds: plan.duration.as_secs_f64(),
                     rounds: 0,
@@ -671,7 +736,7 @@ pub fn run(
                     loadavg_start,
                     loadavg_end: loadavg_start,
                     sender_note: sender_note.clone(),
-                    note: None,
+                    mux_io: None,
                     error: None,
                 },
             ));
@@ -682,8 +747,7 @@ pub fn run(
             if case.error.is_some() {
                 continue;
             }
-            let mut note = None;
-            match bench.measure(*forwarder, case.workers, round, &mut note) {
+            match bench.measure(*forwarder, case.workers, round) {
                 Ok(r) => {
                     progress(&format!(
                         "round {round}: {:<22} delivered {:>10.0} pps (offered {:>10.0}){}{}",
@@ -708,13 +772,6 @@ pub fn run(
                     case.error = Some(format!("round {round}: {reason}"));
                 }
                 Err(CaseFailure::Fatal(e)) => return Err(e),
-            }
-            if let Some(n) = note {
-                case.note = Some(match case.note.take() {
-                    Some(old) if old != n && !old.contains(&n) => format!("{old}; {n}"),
-                    Some(old) => old,
-                    None => n,
-                });
             }
         }
     }
@@ -749,8 +806,8 @@ fn figure(value: Option<f64>, precision: usize) -> String {
 #[must_use]
 pub fn table(cases: &[CaseReport]) -> String {
     let mut s = String::from(
-        "| case | delivered pps (median) | rounds | offered pps (median) | ratio to kernel | mux CPU ns/packet | kernel drops |\n\
-         | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| case | sender threads | delivered pps (median) | rounds | offered pps (median) | ratio to kernel | mux CPU ns/packet | kernel drops |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for c in cases.iter().filter(|c| !c.per_round.is_empty()) {
         let rounds: Vec<String> = c
@@ -760,8 +817,9 @@ pub fn table(cases: &[CaseReport]) -> String {
             .collect();
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             c.label(),
+            c.sender_threads,
             figure(c.delivered_pps, 0),
             rounds.join(", "),
             figure(c.offered_pps, 0),
@@ -774,10 +832,8 @@ pub fn table(cases: &[CaseReport]) -> String {
     if let Some(c) = cases.first() {
         let _ = writeln!(
             s,
-            "\nsender: {} ({} thread{}){}{}; load average {:.2} {:.2} {:.2} at the start, {:.2} {:.2} {:.2} at the end",
+            "\nsender: {}{}{}; load average {:.2} {:.2} {:.2} at the start, {:.2} {:.2} {:.2} at the end",
             c.sender,
-            c.sender_threads,
-            if c.sender_threads == 1 { "" } else { "s" },
             c.pps_cap
                 .map(|p| format!(", capped at {p} pps"))
                 .unwrap_or_default(),
@@ -796,8 +852,8 @@ pub fn table(cases: &[CaseReport]) -> String {
     for c in cases {
         if let Some(e) = &c.error {
             let _ = writeln!(s, "{}: could not run: {e}", c.label());
-        } else if let Some(n) = &c.note {
-            let _ = writeln!(s, "{}: {n}", c.label());
+        } else if let Some(io) = &c.mux_io {
+            let _ = writeln!(s, "{}: {}", c.label(), io.describe());
         }
     }
     s
@@ -825,6 +881,8 @@ mod tests {
             mux_threads_vanished: cpu.map(|_| 0),
             kernel_drops: drops,
             mux_frames: drops.map(|_| 10),
+            tx_slow_path: drops.map(|_| 0),
+            mux_io: None,
             rx_queue_xdp_packets: vec![0, 0],
             loadavg_start: [0.5, 0.4, 0.3],
             loadavg_end: [0.6, 0.4, 0.3],
@@ -851,7 +909,7 @@ mod tests {
             per_round: rounds,
             loadavg_start: [0.5, 0.4, 0.3],
             loadavg_end: [0.5, 0.4, 0.3],
-            note: None,
+            mux_io: None,
             error: None,
         }
     }
@@ -895,7 +953,9 @@ mod tests {
         );
         let text = table(&[kernel, mux, skipped]);
         assert!(
-            text.contains("| af_packet, 1 worker | 200 | 100, 300, 200 | 300 | 0.50 | 2000 | 6 |"),
+            text.contains(
+                "| af_packet, 1 worker | 2 | 200 | 100, 300, 200 | 300 | 0.50 | 2000 | 6 |"
+            ),
             "{text}"
         );
         assert!(
@@ -912,15 +972,19 @@ mod tests {
     }
 
     #[test]
-    fn the_af_packet_config_loads_and_names_its_io_when_the_build_knows_the_key() {
-        let (text, note) =
-            mux_config(Io::AfPacket, 2, Traffic::Flows(8), Path::new("/tmp/x.sock")).unwrap();
-        let config = Config::from_toml(&text, "test").unwrap();
-        assert_eq!(config.node.workers, 2);
-        assert_eq!(text.contains("io = \"af_packet\""), note.is_none());
-        let (tcp, _) =
-            mux_config(Io::AfPacket, 1, Traffic::NewFlows, Path::new("/tmp/x.sock")).unwrap();
+    fn every_case_config_loads_with_its_io_and_workers() {
+        use lb_core::config::IoMode;
+        for (io, mode) in [(Io::AfPacket, IoMode::AfPacket), (Io::AfXdp, IoMode::AfXdp)] {
+            let text = mux_config(io, 2, Traffic::Flows(8), Path::new("/tmp/x.sock")).unwrap();
+            let config = Config::from_toml(&text, "test").unwrap();
+            assert_eq!((config.node.workers, config.node.io), (2, mode));
+        }
+        let tcp = mux_config(Io::AfPacket, 1, Traffic::NewFlows, Path::new("/tmp/x.sock")).unwrap();
         assert!(tcp.contains("protocol = \"tcp\""));
+        let refused = config_with_io(Some(Io::AfXdp), "test", |io| {
+            format!("[node]\n{io}bogus = 1\n")
+        });
+        assert!(refused.unwrap_err().contains("bogus"));
     }
 
     #[test]

@@ -381,8 +381,8 @@ struct TcpArgs {
     /// Parallel TCP streams per run (iperf3 -P).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
     streams: u8,
-    /// The cases, in the order each round runs them: kernel, lb (the mux on the build's
-    /// default I/O), lb_af_packet, lb_af_xdp.
+    /// The cases, in the order each round runs them: kernel, lb (mux and agent on the build's
+    /// default I/O), lb_af_packet, lb_af_xdp (both with that node.io).
     #[arg(long, value_delimiter = ',', default_value = "kernel,lb")]
     cases: Vec<lb::tcp_bench::TcpCase>,
     /// One JSON object per case, one per line, instead of the table.
@@ -411,12 +411,14 @@ struct ForwardArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,2",
           value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: Vec<u16>,
-    /// The sender: auto (the fastest that opens), af_packet.
+    /// The sender: auto (AF_XDP when it opens, else AF_PACKET), af_xdp, af_packet.
     #[arg(long, value_enum, default_value_t = SenderArg::Auto)]
     sender: SenderArg,
-    /// Sender threads, one per transmit queue of the sender's veth (1 or 2).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
-    sender_threads: u8,
+    /// Sender threads, one per transmit queue of the sender's veth (1 or 2), in every case
+    /// (default: per case, one per receive queue the forwarder serves: 2 for the kernel, one
+    /// per worker for a mux).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
+    sender_threads: Option<u8>,
     /// Cap the sender at this many frames per second (all threads together).
     #[arg(long)]
     pps: Option<u64>,
@@ -429,6 +431,7 @@ struct ForwardArgs {
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum SenderArg {
     Auto,
+    AfXdp,
     AfPacket,
 }
 
@@ -550,9 +553,10 @@ fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 workers: args.workers.into_iter().map(usize::from).collect(),
                 sender: match args.sender {
                     SenderArg::Auto => forward_bench::SenderChoice::Auto,
+                    SenderArg::AfXdp => forward_bench::SenderChoice::AfXdp,
                     SenderArg::AfPacket => forward_bench::SenderChoice::AfPacket,
                 },
-                sender_threads: usize::from(args.sender_threads),
+                sender_threads: args.sender_threads.map(usize::from),
                 pps: args.pps,
             };
             lb::netns::remove_labs_on_signal()?;

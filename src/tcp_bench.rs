@@ -11,8 +11,8 @@
 //!   the router, whose policy rule sends what comes from mux1 to the VIP on to be1 (table
 //!   [`KERNEL_TABLE`]); be1 has the VIP on `lo` and answers directly.
 //! - **lb**: `lb agent` on be1, `lb mux` on mux1 (`ip_forward=0`), GRE to be1; the agent
-//!   decapsulates into its TUN; be1 answers directly. `[node] io` of the mux is the case's I/O
-//!   (`lb` alone: the build's default).
+//!   decapsulates into its TUN; be1 answers directly. `[node] io` of both is the case's I/O
+//!   (`lb` alone: the build's default, `auto`).
 //! - iperf3's server listens on the VIP on be1 for the whole run; each round runs one iperf3
 //!   client (`--json`, `-t seconds`) on the client. Cases alternate round by round; a case's
 //!   figure is its median and its ratio to the kernel's median.
@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::forward_bench::{Io, config_with_io};
+use crate::forward_bench::{Io, IoInForce, config_with_io, mux_status};
 use crate::lab::live::wait_answering;
 use crate::measure::{ProcessCpu, loadavg, median};
 use crate::netns::{Lab, Namespace, require_root};
@@ -53,7 +53,7 @@ const CLIENT_GRACE: Duration = Duration::from_secs(20);
 pub enum TcpCase {
     /// The kernel's IP forwarding on mux1.
     Kernel,
-    /// `lb mux` and `lb agent`, the mux on this I/O (`None`: the build's default).
+    /// `lb mux` and `lb agent`, both with `[node] io` this I/O (`None`: the build's default).
     Lb(Option<Io>),
 }
 
@@ -129,6 +129,8 @@ pub struct TcpRound {
     pub mux_cpu_percent: Option<f64>,
     /// The agent's CPU time over the run, in % of one core.
     pub agent_cpu_percent: Option<f64>,
+    /// The mux's I/O as its status showed it.
+    pub mux_io: Option<IoInForce>,
     /// Load average when the round started.
     pub loadavg_start: [f64; 3],
     /// Load average when the round ended.
@@ -140,7 +142,7 @@ pub struct TcpRound {
 pub struct TcpReport {
     /// `kernel`, `lb`, `lb_af_packet` or `lb_af_xdp`.
     pub case: &'static str,
-    /// The mux's I/O asked for (`null`: the build's default, or no mux).
+    /// The `[node] io` asked of the mux and the agent (`null`: the build's default, or none).
     pub io: Option<&'static str>,
     /// Seconds per run.
     pub seconds: f64,
@@ -162,8 +164,8 @@ pub struct TcpReport {
     pub loadavg_start: [f64; 3],
     /// Load average when it ended.
     pub loadavg_end: [f64; 3],
-    /// Something to know about how the case ran.
-    pub note: Option<String>,
+    /// The mux's I/O in force, as its status showed it in the last round.
+    pub mux_io: Option<IoInForce>,
     /// Why the case could not run (from the round named in it on).
     pub error: Option<String>,
 }
@@ -174,6 +176,7 @@ impl TcpReport {
             median(&self.per_round.iter().filter_map(f).collect::<Vec<_>>())
         };
         self.rounds = self.per_round.len();
+        self.mux_io = self.per_round.iter().rev().find_map(|r| r.mux_io.clone());
         self.gbit_per_s = of(|r| Some(r.gbit_per_s));
         self.mux_cpu_s_per_gb = of(|r| r.mux_cpu_s_per_gb);
         self.agent_cpu_s_per_gb = of(|r| r.agent_cpu_s_per_gb);
@@ -250,6 +253,7 @@ impl From<io::Error> for CaseFailure {
 /// A running `lb` process of a round.
 struct Node {
     pid: u32,
+    socket: PathBuf,
 }
 
 struct Bench<'a> {
@@ -302,7 +306,7 @@ impl Bench<'_> {
         self.lab.log_dir().join(format!("{name}.sock"))
     }
 
-    fn mux_config(&self, io: Option<Io>) -> Result<(String, Option<String>), String> {
+    fn mux_config(&self, io: Option<Io>) -> Result<String, String> {
         let socket = self.socket("mux1");
         config_with_io(io, "the TCP benchmark's mux config", |io_line| {
             format!(
@@ -314,15 +318,17 @@ impl Bench<'_> {
         })
     }
 
-    fn agent_config(&self) -> String {
-        format!(
-            "[node]\nname = \"be1\"\ninterface = \"b0\"\naddress_v4 = \"{}\"\ncontrol_socket = {:?}\n\n\
-             [agent]\nmuxes = [\"{}/32\"]\n\n{}",
-            Fleet::backend_address(1),
-            self.socket("agent1"),
-            Fleet::mux_address(1),
-            vip_section()
-        )
+    fn agent_config(&self, io: Option<Io>) -> Result<String, String> {
+        let socket = self.socket("agent1");
+        config_with_io(io, "the TCP benchmark's agent config", |io_line| {
+            format!(
+                "[node]\nname = \"be1\"\ninterface = \"b0\"\naddress_v4 = \"{}\"\ncontrol_socket = {socket:?}\n{io_line}\n\
+                 [agent]\nmuxes = [\"{}/32\"]\n\n{}",
+                Fleet::backend_address(1),
+                Fleet::mux_address(1),
+                vip_section()
+            )
+        })
     }
 
     /// Starts `lb ROLE` in `ns` with `config` and waits until it answers on its socket.
@@ -350,7 +356,7 @@ impl Bench<'_> {
             }
             return Err(CaseFailure::CouldNotRun(e.to_string()));
         }
-        Ok(Node { pid })
+        Ok(Node { pid, socket })
     }
 
     fn stop(&mut self, node: &Node, what: &str) -> Result<(), CaseFailure> {
@@ -423,12 +429,7 @@ impl Bench<'_> {
     }
 
     /// One round of one case.
-    fn measure(
-        &mut self,
-        case: TcpCase,
-        round: usize,
-        note: &mut Option<String>,
-    ) -> Result<TcpRound, CaseFailure> {
+    fn measure(&mut self, case: TcpCase, round: usize) -> Result<TcpRound, CaseFailure> {
         let loadavg_start = loadavg()?;
         let mux_ns = self.fleet.mux(1).clone();
         let nodes = match case {
@@ -437,11 +438,9 @@ impl Bench<'_> {
                 None
             }
             TcpCase::Lb(io) => {
-                let (mux_config, config_note) =
-                    self.mux_config(io).map_err(CaseFailure::CouldNotRun)?;
-                *note = config_note;
+                let mux_config = self.mux_config(io).map_err(CaseFailure::CouldNotRun)?;
                 let be = self.fleet.backend(1).clone();
-                let agent_config = self.agent_config();
+                let agent_config = self.agent_config(io).map_err(CaseFailure::CouldNotRun)?;
                 let agent = self.start(&be, "agent", "agent1", &agent_config)?;
                 let mux = match self.start(&mux_ns, "mux", "mux1", &mux_config) {
                     Ok(m) => m,
@@ -487,6 +486,10 @@ impl Bench<'_> {
         let used = before
             .zip(after)
             .map(|((m0, a0), (m1, a1))| (m1.since(&m0).nanos, a1.since(&a0).nanos));
+        let mux_io = match nodes {
+            Some((mux, _)) => mux_status(&mux.socket)?.io,
+            None => None,
+        };
         let per_gb = |ns: u64| (transfer.bytes > 0).then(|| ns as f64 / transfer.bytes as f64);
         let percent = |ns: u64| ns as f64 / 1e9 / wall * 100.0;
         Ok(TcpRound {
@@ -498,6 +501,7 @@ impl Bench<'_> {
             agent_cpu_s_per_gb: used.and_then(|(_, a)| per_gb(a)),
             mux_cpu_percent: used.map(|(m, _)| percent(m)),
             agent_cpu_percent: used.map(|(_, a)| percent(a)),
+            mux_io,
             loadavg_start,
             loadavg_end: loadavg()?,
         })
@@ -584,7 +588,7 @@ pub fn run(
                     per_round: Vec::new(),
                     loadavg_start,
                     loadavg_end: loadavg_start,
-                    note: None,
+                    mux_io: None,
                     error: None,
                 },
             )
@@ -595,8 +599,7 @@ pub fn run(
             if report.error.is_some() {
                 continue;
             }
-            let mut note = None;
-            match bench.measure(*case, round, &mut note) {
+            match bench.measure(*case, round) {
                 Ok(r) => {
                     progress(&format!(
                         "round {round}: {:<14} {:>6.2} Gbit/s{}{}",
@@ -620,9 +623,6 @@ pub fn run(
                     report.error = Some(format!("round {round}: {reason}"));
                 }
                 Err(CaseFailure::Fatal(e)) => return Err(e),
-            }
-            if note.is_some() {
-                report.note = note;
             }
         }
     }
@@ -687,8 +687,8 @@ pub fn table(cases: &[TcpReport]) -> String {
     for c in cases {
         if let Some(e) = &c.error {
             let _ = writeln!(s, "{}: could not run: {e}", c.case);
-        } else if let Some(n) = &c.note {
-            let _ = writeln!(s, "{}: {n}", c.case);
+        } else if let Some(io) = &c.mux_io {
+            let _ = writeln!(s, "{}: mux on {}", c.case, io.describe());
         }
     }
     s
@@ -758,6 +758,7 @@ mod tests {
             agent_cpu_s_per_gb: cpu,
             mux_cpu_percent: cpu,
             agent_cpu_percent: cpu,
+            mux_io: None,
             loadavg_start: [0.0; 3],
             loadavg_end: [0.0; 3],
         };
@@ -778,7 +779,7 @@ mod tests {
             ],
             loadavg_start: [0.0; 3],
             loadavg_end: [0.0; 3],
-            note: None,
+            mux_io: None,
             error: None,
         };
         r.summarize(Some(4.0));
