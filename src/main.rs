@@ -429,6 +429,7 @@ struct ForwardArgs {
 
 /// `lb bench forward --sender`.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
 enum SenderArg {
     Auto,
     AfXdp,
