@@ -284,12 +284,14 @@ pub fn run(
         .map(|q| {
             let interface = interface.to_owned();
             let source = FrameSource::new(endpoints, traffic, q, threads);
-            ns.enter(move || {
-                pin_to_cpu(q)?;
-                match kind {
-                    SenderKind::AfPacket => af_packet(&interface, source, share),
-                    SenderKind::AfXdp => af_xdp(&interface, q, source, share),
+            ns.enter(move || match kind {
+                SenderKind::AfPacket => {
+                    // The queue follows the CPU (see the module docs).
+                    pin_to_cpu(q)?;
+                    af_packet(&interface, source, share)
                 }
+                // The socket's queue is explicit: left to the scheduler.
+                SenderKind::AfXdp => af_xdp(&interface, q, source, share),
             })
         })
         .collect();

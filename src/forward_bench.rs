@@ -965,6 +965,17 @@ mod tests {
     }
 
     #[test]
+    fn a_case_sends_on_the_queues_its_forwarder_serves_unless_told() {
+        let xdp = Forwarder::Mux(Io::AfXdp);
+        assert_eq!(sender_threads(None, Forwarder::Kernel, None), QUEUES);
+        assert_eq!(sender_threads(None, xdp, Some(1)), 1);
+        assert_eq!(sender_threads(None, xdp, Some(2)), 2.min(QUEUES));
+        assert_eq!(sender_threads(None, xdp, Some(8)), QUEUES);
+        assert_eq!(sender_threads(Some(1), Forwarder::Kernel, None), 1);
+        assert_eq!(sender_threads(Some(2), xdp, Some(1)), 2);
+    }
+
+    #[test]
     fn cases_parse_by_name() {
         assert_eq!("kernel".parse(), Ok(Forwarder::Kernel));
         assert_eq!("af_xdp".parse(), Ok(Forwarder::Mux(Io::AfXdp)));
