@@ -401,6 +401,13 @@ pub fn steering_program(vips: RawFd, xsks: RawFd) -> Vec<Insn> {
     p
 }
 
+/// A program that passes every frame to the kernel: what another tool's program looks like to
+/// the mux (tests of "never replace someone else's program" attach it).
+#[must_use]
+pub fn pass_program() -> Vec<Insn> {
+    vec![insn(MOV64_K, 0, 0, 0, XDP_PASS), insn(EXIT, 0, 0, 0, 0)]
+}
+
 /// The name of the loaded program, as `bpftool prog` shows it.
 pub const PROGRAM_NAME: &str = "lb_steer";
 const LICENSE: &CStr = c"Dual MIT/GPL";

@@ -315,28 +315,6 @@ impl Steering {
     }
 }
 
-/// Receive queues of `interface` (`/sys/class/net/IF/queues/rx-*`).
-pub fn rx_queues(interface: &str) -> io::Result<u32> {
-    let n = std::fs::read_dir(format!("/sys/class/net/{interface}/queues"))?
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
-        .count();
-    Ok(u32::try_from(n).unwrap_or(u32::MAX).max(1))
-}
-
-fn ifindex(interface: &str) -> io::Result<u32> {
-    let name = std::ffi::CString::new(interface).map_err(|_| {
-        io::Error::new(io::ErrorKind::InvalidInput, "interface name has a NUL byte")
-    })?;
-    // SAFETY: a valid NUL-terminated string.
-    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if i == 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(i)
-    }
-}
-
 /// One worker's pair of AF_XDP devices.
 pub type XdpDevices = (AfXdpReceiver, AfXdpTransmitter);
 
@@ -349,14 +327,10 @@ pub fn open(
     snapshot: &Snapshot,
 ) -> io::Result<(Vec<XdpDevices>, Steering, XdpMode)> {
     let step = |what: String| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
-    let home = ifindex(interface).map_err(step(format!("interface {interface}")))?;
-    let queues = rx_queues(interface).map_err(step(format!("{interface}: reading its queues")))?;
+    let link = neighbour::link_info(interface).map_err(step(format!("interface {interface}")))?;
+    let (home, queues, mtu) = (link.index, link.rx_queues, link.mtu);
     let count = u32::try_from(workers).unwrap_or(u32::MAX).clamp(1, queues);
     let config = XskConfig::default();
-    let mtu: u32 = std::fs::read_to_string(format!("/sys/class/net/{interface}/mtu"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1500);
     if mtu + ETHERNET as u32 > config.max_frame() {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
