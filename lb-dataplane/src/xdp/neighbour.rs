@@ -315,7 +315,7 @@ impl Rtnl {
                         LinkAttribute::Mtu(m) => info.mtu = m,
                         LinkAttribute::NumRxQueues(q) => info.rx_queues = q.max(1),
                         LinkAttribute::Address(a) => {
-                            info.mac = <[u8; 6]>::try_from(a.as_slice()).ok()
+                            info.mac = <[u8; 6]>::try_from(a.as_slice()).ok();
                         }
                         _ => {}
                     }
