@@ -188,7 +188,7 @@ fn a_sigkilled_af_xdp_mux_restarts_attached_and_the_host_keeps_its_own_traffic()
     let before = capture.packets().len();
     let forwarding = forwarded_within(&fleet, &capture, before, Duration::from_secs(5))
         .expect("the restarted mux forwards");
-    println!(
+    eprintln!(
         "restart after SIGKILL: control socket answering after {answering:?}, forwarding {:?} later",
         forwarding
     );
