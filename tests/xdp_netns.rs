@@ -269,3 +269,67 @@ fn someone_elses_xdp_program_is_never_replaced() {
     assert!(xdp_attached(&mux_ns), "the other program is still attached");
     drop(other);
 }
+
+/// The number in `ethtool -S` output for `key`, if present.
+fn ethtool_stat(ns: &Namespace, interface: &str, key: &str) -> Option<u64> {
+    let out = ns.exec_checked("ethtool", &["-S", interface]).ok()?;
+    out.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix(&format!("{key}: "))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+#[test]
+fn one_worker_reads_every_receive_queue() {
+    require_root("xdp_netns::one_worker_reads_every_receive_queue");
+    let mut lab = Lab::new("xdpqueues").unwrap();
+    let fleet = fleet(&mut lab);
+    let mux_ns = &fleet.muxes[0];
+    let text = config("af_xdp").replace("workers = 2", "workers = 1");
+    let mux = common::start_node(&mut lab, mux_ns, "mux", "mux1", &text, &["--no-metrics"]);
+    let s = status(&mux.socket);
+    assert_eq!(s["workers"].as_array().unwrap().len(), 1, "{s:#}");
+    assert_eq!(s["io"]["queues"], 2, "{s:#}");
+    // 32 datagrams onto each receive queue of the mux's veth: sent from AF_XDP sockets bound
+    // to transmit queue 0 and 1 of the router's end (a veth delivers on the peer's queue of the
+    // same index).
+    let capture = EncapCapture::start(&fleet.backends[0]);
+    let (mux_mac, router_mac) = (mux_ns.mac("m0").unwrap(), fleet.router.mac("r-m1").unwrap());
+    fleet
+        .router
+        .enter(move || {
+            use lb_dataplane::xdp::{neighbour, xsk};
+            let index = neighbour::link_info("r-m1").unwrap().index;
+            for queue in 0..2u16 {
+                let config = xsk::XskConfig {
+                    rx_frames: 0,
+                    ..xsk::XskConfig::default()
+                };
+                let (_, mut tx, _, _) = xsk::Xsk::open(index, u32::from(queue), config).unwrap();
+                for i in 0..32u16 {
+                    let mut frame = Vec::new();
+                    etherparse::PacketBuilder::ethernet2(router_mac, mux_mac)
+                        .ipv4(Fleet::CLIENT.octets(), Fleet::VIP.octets(), 64)
+                        .udp(44_000 + queue * 100 + i, ECHO)
+                        .write(&mut frame, b"queue")
+                        .unwrap();
+                    assert!(tx.push_with(|buf| {
+                        buf[..frame.len()].copy_from_slice(&frame);
+                        frame.len()
+                    }));
+                }
+                assert_eq!(tx.flush().unwrap(), 32);
+            }
+        })
+        .join()
+        .unwrap();
+    let got = capture.wait_for(64, Duration::from_secs(5));
+    assert_eq!(got.len(), 64, "every datagram through one worker");
+    let per_queue: Vec<Option<u64>> = (0..2)
+        .map(|q| ethtool_stat(mux_ns, "m0", &format!("rx_queue_{q}_xdp_packets")))
+        .collect();
+    if let [Some(q0), Some(q1)] = per_queue[..] {
+        assert!(q0 >= 32 && q1 >= 32, "traffic on both queues: {q0}, {q1}");
+    }
+}

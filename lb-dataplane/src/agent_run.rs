@@ -1,7 +1,8 @@
 //! `lb agent` as a process: the receive loop around [`crate::agent::classify`], the TUN, the
 //! chaining transmitter, egress SNAT, the control socket and the metrics.
 //!
-//! One thread receives (an AF_PACKET ring on `node.interface`), decides, writes delivered
+//! One thread receives (AF_XDP sockets on every queue of `node.interface` steering only tunnel
+//! packets to the agent's addresses, or an AF_PACKET ring: `node.io`), decides, writes delivered
 //! packets into the TUN and queues chained ones, flushing them once per batch. Another reads what
 //! the kernel routes into the TUN (egress connections) and translates it. Counters are
 //! published every [`crate::worker::REPORT_INTERVAL`].
@@ -412,6 +413,35 @@ fn egress_rules(
     crate::egress::rules(egress, policy.addresses(), &vip_addresses(config), families)
 }
 
+/// The agent's receiving device as `io` asks: AF_XDP on every queue of `interface`, steering
+/// only tunnel packets to the agent's `addresses` (with the steering to keep while it runs),
+/// or an AF_PACKET ring; `auto` tries AF_XDP first and logs why it fell back.
+fn open_receiver(
+    interface: &str,
+    addresses: &[IpAddr],
+    io: lb_core::config::IoMode,
+) -> Result<(Box<dyn Receiver>, Option<crate::xdp::Steering>), String> {
+    use lb_core::config::IoMode;
+    if io != IoMode::AfPacket {
+        match crate::xdp::open_tunnel_receiver(interface, addresses) {
+            Ok((rx, steering, mode)) => {
+                tracing::info!(%interface, attach = mode.attach.as_str(), bind = mode.bind.as_str(), queues = mode.queues, "receiving tunnel packets with AF_XDP");
+                for why in &mode.fallbacks {
+                    tracing::warn!(%interface, reason = %why, "AF_XDP fallback");
+                }
+                return Ok((Box::new(rx), Some(steering)));
+            }
+            Err(e) if io == IoMode::Auto => {
+                tracing::warn!(%interface, error = %e, "AF_XDP is not available; using AF_PACKET");
+            }
+            Err(e) => return Err(format!("node.io = \"af_xdp\": {e}")),
+        }
+    }
+    let rx = AfPacketReceiver::open(interface, None, RingConfig::default())
+        .map_err(|e| e.to_string())?;
+    Ok((Box::new(rx), None))
+}
+
 /// Runs `lb agent` until SIGTERM or SIGINT.
 pub fn run(options: &RunOptions) -> Result<(), String> {
     let config = Config::load(&options.config).map_err(|e| e.to_string())?;
@@ -425,8 +455,7 @@ pub fn run(options: &RunOptions) -> Result<(), String> {
     };
     let mut policy =
         Policy::from_config(&config).map_err(|e| format!("{}: {e}", options.config.display()))?;
-    let mut rx = AfPacketReceiver::open(&interface, None, RingConfig::default())
-        .map_err(|e| e.to_string())?;
+    let (mut rx, _steering) = open_receiver(&interface, policy.addresses(), config.node.io)?;
     let tun = Tun::open(&agent.tun, true).map_err(|e| e.to_string())?;
     prepare_rp_filter(tun.name());
     let mut tx = marked_transmitter()?;
