@@ -295,6 +295,9 @@ impl Steering {
     }
 }
 
+/// The receive halves a worker reads, and the queue and send half of its first.
+type WorkerSockets = (Vec<XskRx>, Option<(u32, XskTx)>);
+
 /// One worker's pair of AF_XDP devices.
 pub type XdpDevices = (AfXdpReceiver, AfXdpTransmitter);
 
@@ -404,8 +407,7 @@ pub fn open(
     let hops = resolver.table();
     let home = a.index;
     let workers = workers.clamp(1, a.sockets.len());
-    let mut owned: Vec<(Vec<XskRx>, Option<(u32, XskTx)>)> =
-        (0..workers).map(|_| (Vec::new(), None)).collect();
+    let mut owned: Vec<WorkerSockets> = (0..workers).map(|_| (Vec::new(), None)).collect();
     for (queue, rx, tx) in a.sockets {
         let (rxs, first) = &mut owned[queue as usize % workers];
         rxs.push(rx);
