@@ -320,10 +320,14 @@ struct Attached {
 /// Opens a socket on every receive queue of `interface`, steers `addresses` of `kind` into
 /// them and attaches the program (driver mode, else skb mode; never over someone else's
 /// program).
-fn attach(interface: &str, addresses: &[IpAddr], kind: u32) -> io::Result<Attached> {
+fn attach(
+    interface: &str,
+    addresses: &[IpAddr],
+    kind: u32,
+    config: XskConfig,
+) -> io::Result<Attached> {
     let link = neighbour::link_info(interface).map_err(step(format!("interface {interface}")))?;
     let (index, count, mtu) = (link.index, link.rx_queues, link.mtu);
-    let config = XskConfig::default();
     if mtu + ETHERNET as u32 > config.max_frame() {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
@@ -403,7 +407,12 @@ pub fn open(
         .map_err(step("reading next hops over rtnetlink".into()))?;
     // A socket on every queue: a frame on a queue without one would go to the kernel, which
     // drops VIP traffic. Worker w reads queues w, w + workers, ...
-    let a = attach(interface, &vip_addresses(snapshot), bpf::KIND_ANY)?;
+    let a = attach(
+        interface,
+        &vip_addresses(snapshot),
+        bpf::KIND_ANY,
+        XskConfig::default(),
+    )?;
     let hops = resolver.table();
     let home = a.index;
     let workers = workers.clamp(1, a.sockets.len());
@@ -533,7 +542,13 @@ pub fn open_tunnel_receiver(
     interface: &str,
     addresses: &[IpAddr],
 ) -> io::Result<(AfXdpReceiver, Steering, XdpMode)> {
-    let a = attach(interface, addresses, bpf::KIND_TUNNELS)?;
+    // The agent sends through the kernel: its sockets need few send frames.
+    let config = XskConfig {
+        rx_frames: 2048,
+        tx_frames: 64,
+        ..XskConfig::default()
+    };
+    let a = attach(interface, addresses, bpf::KIND_TUNNELS, config)?;
     let queues = a.sockets.into_iter().map(|(_, rx, _)| rx).collect();
     let steering = Steering {
         vips: a.vips,
