@@ -4,7 +4,9 @@
 //! - [`afpacket`]: AF_PACKET TPACKET_V3 receive rings with `PACKET_FANOUT_HASH`.
 //! - [`rawip`]: batched transmission of IP packets on raw sockets (`sendmmsg`); the kernel's
 //!   routing and neighbour tables find the next hop.
-//! - [`tun`]: a TUN device (`IFF_TUN | IFF_NO_PI`) where the agent injects decapsulated packets.
+//! - [`tun`]: a TUN device (`IFF_TUN | IFF_NO_PI | IFF_VNET_HDR`) where the agent injects
+//!   decapsulated packets; [`vnet`]: its virtio-net header, checksums, GSO segmentation of what
+//!   the agent reads; [`coalesce`]: the TCP segments of a batch merged into one write (GRO).
 //! - [`sockdiag`]: `NETLINK_SOCK_DIAG` lookups of one TCP 4-tuple (does this host have it?).
 //! - [`memory`]: an in-memory device, so the whole worker loop runs under `cargo test` without
 //!   root.
@@ -23,13 +25,14 @@
 //!   [`egress`]: egress SNAT's policy routing, TUN packet triage and fast refusals.
 //!
 //! Invariant to keep: nothing on the mux's per-packet path allocates, locks or makes a syscall
-//! per packet. (The agent writes each delivered packet into a TUN, one `write` each: see
-//! [`tun`].)
+//! per packet. (The agent writes into a TUN once per coalesced item, at the end of each batch:
+//! see [`tun`] and [`coalesce`].)
 
 pub mod afpacket;
 pub mod agent;
 pub mod agent_run;
 pub mod chain_guard;
+pub mod coalesce;
 pub mod control;
 pub mod device;
 pub mod egress;
@@ -43,5 +46,6 @@ pub mod rawip;
 pub mod sockdiag;
 pub mod socket;
 pub mod tun;
+pub mod vnet;
 pub mod watch;
 pub mod worker;
