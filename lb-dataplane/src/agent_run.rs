@@ -105,6 +105,9 @@ pub struct AgentCounters {
     /// Packets the kernel routed into the TUN that are not egress traffic (the TUN's own IPv6
     /// router solicitations and multicast-listener reports, multicast, broadcast): ignored.
     pub tun_ignored: u64,
+    /// Egress SNAT: reads from the TUN that were TCP GSO packets (the TUN's offloads), each cut
+    /// into wire-size segments before translation.
+    pub tun_gso_reads: u64,
 }
 
 /// Where one counter of [`AgentCounters`] shows: its key in `lb status` (`counters`) and its
@@ -232,6 +235,11 @@ impl AgentCounters {
                 "lb_agent_tun_ignored_total",
                 self.tun_ignored,
             ),
+            plain(
+                "tun_gso_reads",
+                "lb_agent_tun_gso_reads_total",
+                self.tun_gso_reads,
+            ),
         ]);
         rows
     }
@@ -256,6 +264,7 @@ struct OutboundCounters {
     snat_outbound_failed: u64,
     snat_exhausted: u64,
     tun_ignored: u64,
+    tun_gso_reads: u64,
 }
 
 struct Shared {
@@ -301,6 +310,7 @@ impl Shared {
         c.snat_outbound_failed = o.snat_outbound_failed;
         c.snat_exhausted = o.snat_exhausted;
         c.tun_ignored = o.tun_ignored;
+        c.tun_gso_reads = o.tun_gso_reads;
         c
     }
 
@@ -917,6 +927,7 @@ fn snat_outbound_loop(shared: &Shared, tun: &Tun) {
                     icmp: &mut icmp,
                 };
                 if header.is_gso() {
+                    egress.counters.tun_gso_reads += 1;
                     let split = split_tcp(header, packet, &mut segment, &mut |seg| {
                         egress.packet(seg);
                     });
@@ -1080,9 +1091,10 @@ mod tests {
             snat_inbound: 21,
             snat_inbound_misses: 22,
             tun_ignored: 23,
+            tun_gso_reads: 26,
         };
         let values: HashSet<u64> = c.rows().iter().map(|(_, v)| *v).collect();
-        assert_eq!(values, (1..=25).collect());
+        assert_eq!(values, (1..=26).collect());
         let json = c.to_json();
         assert_eq!(json["rejected_foreign_source"], 9);
         assert_eq!(json["snat_exhausted"], 20);
