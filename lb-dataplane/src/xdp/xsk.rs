@@ -593,11 +593,13 @@ impl XskRx {
             self.done.push(desc.addr & chunk_mask);
         }
         self.rx.release();
-        // The frames in circulation are exactly the fill ring's size, so there is room.
-        let room = self.fill.free(self.done.len() as u32) as usize;
-        for addr in self.done.drain(..).take(room) {
+        // The frames in circulation are exactly the fill ring's size, so there is room; were
+        // there not, the rest would wait in `done` for the next batch, never be lost.
+        let room = (self.fill.free(self.done.len() as u32) as usize).min(self.done.len());
+        for &addr in &self.done[..room] {
             self.fill.push(addr);
         }
+        self.done.drain(..room);
         self.fill.submit();
         Ok(n)
     }
