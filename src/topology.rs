@@ -42,11 +42,12 @@ use lb_core::config::IoMode;
 
 use crate::netns::{Lab, Namespace, VethEnd};
 
-/// The environment variable that chooses the `node.io` of the lab's muxes (and the namespace
-/// tests'): `auto` (the default: AF_XDP on the lab's veths), `af_xdp` or `af_packet`.
+/// The environment variable that chooses the `node.io` of the lab's muxes and agents (and the
+/// namespace tests'): `auto` (the default: AF_XDP on the lab's veths), `af_xdp` or `af_packet`.
 pub const LAB_IO_VARIABLE: &str = "LB_LAB_IO";
 
-/// The `node.io` the lab's muxes run with ([`LAB_IO_VARIABLE`]); an error names a bad value.
+/// The `node.io` the lab's muxes and agents run with ([`LAB_IO_VARIABLE`]); an error names a
+/// bad value.
 pub fn lab_io() -> Result<IoMode, String> {
     match std::env::var(LAB_IO_VARIABLE) {
         Err(_) => Ok(IoMode::Auto),
@@ -57,8 +58,8 @@ pub fn lab_io() -> Result<IoMode, String> {
     }
 }
 
-/// `config` (a mux's) with `io` set to [`lab_io`] in its `[node]` section, unless it sets `io`
-/// itself.
+/// `config` (a mux's or an agent's) with `io` set to [`lab_io`] in its `[node]` section,
+/// unless it sets `io` itself.
 pub fn with_lab_io(config: &str) -> Result<String, String> {
     let io = lab_io()?;
     if config.lines().any(|l| l.trim_start().starts_with("io ")) {

@@ -1,17 +1,24 @@
 //! `lb agent` as a process: the receive loop around [`crate::agent::classify`], the TUN, the
 //! chaining transmitter, egress SNAT, the control socket and the metrics.
 //!
-//! One thread receives (an AF_PACKET ring on `node.interface`), decides, writes delivered
-//! packets into the TUN and queues chained ones, flushing them once per batch. Another reads what
-//! the kernel routes into the TUN (egress connections) and translates it. Counters are
-//! published every [`crate::worker::REPORT_INTERVAL`].
+//! One thread receives (AF_XDP sockets on every queue of `node.interface` steering only tunnel
+//! packets to the agent's addresses, or an AF_PACKET ring: `node.io`), decides, hands delivered
+//! packets to the [`crate::coalesce::Coalescer`] and queues chained ones; at the end of each
+//! batch it writes what the coalescer holds into the TUN (a flow's in-order TCP segments as one
+//! GSO write) and flushes the chained ones. Another thread reads what the kernel routes into the
+//! TUN (egress connections; with the TUN's offloads on, TCP GSO packets it cuts into segments)
+//! and translates it. Counters are published every [`crate::worker::REPORT_INTERVAL`];
+//! `delivered` against `tun_writes` shows how much coalescing saves.
 //!
 //! **Counters.** One set, [`AgentCounters`], feeds both `lb status` (`counters`, a flat object)
 //! and the metrics: [`AgentCounters::rows`] names each counter's status key and Prometheus
 //! series, and both are written from it, so they cannot disagree (beyond the exporter's refresh
 //! interval).
 //!
-//! **Invariants.** The receive loop never waits for a reader of its counters (`try_lock`); what
+//! **Invariants.** The receive loop's per-packet path allocates nothing and takes no lock: the
+//! coalescer's slots are allocated at start, and the SNAT tables are locked at most once per
+//! batch, only for a batch holding return traffic of an egress connection (`SnatPorts` tells
+//! which packets are). The receive loop never waits for a reader of its counters (`try_lock`); what
 //! daisy chaining may cost is bounded by [`crate::chain_guard`] (answer caches, a lookup budget
 //! and a relay budget, every refusal counted); SIGHUP or a changed file reloads the VIPs, muxes,
 //! peers, chaining budgets and the IPv6 egress exceptions between batches (a bad file is logged,
@@ -22,7 +29,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -34,6 +41,7 @@ use serde_json::{Value, json};
 use crate::afpacket::{AfPacketReceiver, RingConfig};
 use crate::agent::{Policy, Reject, Verdict, classify, unparsed};
 use crate::chain_guard::{Asking, ChainBudget, ChainGuard};
+use crate::coalesce::{Coalescer, MAX_PACKET, PushError};
 use crate::device::{Receiver, Transmitter};
 use crate::egress::{EGRESS_MARK, EgressRoutes, RefusedFlows, flow_of, is_egress, refusal};
 use crate::process::RunOptions;
@@ -41,6 +49,7 @@ use crate::rawip::RawIpTransmitter;
 use crate::sockdiag::SockDiag;
 use crate::socket::{ControlHandler, ControlSocket};
 use crate::tun::Tun;
+use crate::vnet::{VnetHeader, complete_checksum, split_tcp};
 use crate::watch::{Change, ConfigWatch};
 use crate::worker::{BATCH_FRAMES, POLL_TIMEOUT, REPORT_INTERVAL, monotonic_ns};
 use lb_core::snat::{PortRanges, SnatError, SnatTable, SnatTableConfig};
@@ -55,8 +64,14 @@ pub struct AgentCounters {
     /// Frames the kernel dropped at the receive ring before the agent saw them (ring full:
     /// `PACKET_STATISTICS`).
     pub kernel_drops: u64,
-    /// Inner packets written into the TUN.
+    /// Inner packets written into the TUN (a coalesced write counts each of its segments).
     pub delivered: u64,
+    /// `write` calls into the TUN that succeeded: fewer than `delivered` when TCP segments were
+    /// coalesced ([`crate::coalesce`]).
+    pub tun_writes: u64,
+    /// Of the delivered packets, those written as part of a coalesced super-packet of two or
+    /// more segments.
+    pub tun_coalesced: u64,
     /// Of those, packets that named a previous backend this host does not know.
     pub delivered_unknown_previous: u64,
     /// Packets sent on to their previous backend (daisy chaining).
@@ -65,7 +80,7 @@ pub struct AgentCounters {
     pub delivered_chained: u64,
     /// Rejected tunnel packets, indexed as [`Reject::ALL`].
     pub rejected: [u64; Reject::ALL.len()],
-    /// TUN writes that failed.
+    /// Packets whose TUN write failed (a failed coalesced write counts each of its segments).
     pub tun_errors: u64,
     /// Chained packets the kernel refused to send.
     pub chain_send_failed: u64,
@@ -91,6 +106,9 @@ pub struct AgentCounters {
     /// Packets the kernel routed into the TUN that are not egress traffic (the TUN's own IPv6
     /// router solicitations and multicast-listener reports, multicast, broadcast): ignored.
     pub tun_ignored: u64,
+    /// Egress SNAT: reads from the TUN that were TCP GSO packets (the TUN's offloads), each cut
+    /// into wire-size segments before translation.
+    pub tun_gso_reads: u64,
 }
 
 /// Where one counter of [`AgentCounters`] shows: its key in `lb status` (`counters`) and its
@@ -138,6 +156,12 @@ impl AgentCounters {
                 self.kernel_drops,
             ),
             plain("delivered", "lb_agent_delivered_total", self.delivered),
+            plain("tun_writes", "lb_agent_tun_writes_total", self.tun_writes),
+            plain(
+                "tun_coalesced",
+                "lb_agent_tun_coalesced_total",
+                self.tun_coalesced,
+            ),
             plain(
                 "delivered_unknown_previous",
                 "lb_agent_delivered_unknown_previous_total",
@@ -212,6 +236,11 @@ impl AgentCounters {
                 "lb_agent_tun_ignored_total",
                 self.tun_ignored,
             ),
+            plain(
+                "tun_gso_reads",
+                "lb_agent_tun_gso_reads_total",
+                self.tun_gso_reads,
+            ),
         ]);
         rows
     }
@@ -236,6 +265,7 @@ struct OutboundCounters {
     snat_outbound_failed: u64,
     snat_exhausted: u64,
     tun_ignored: u64,
+    tun_gso_reads: u64,
 }
 
 struct Shared {
@@ -247,9 +277,12 @@ struct Shared {
     counters: Mutex<AgentCounters>,
     heartbeat: Mutex<Option<Instant>>,
     shutdown: AtomicBool,
-    /// Egress SNAT tables, one per SNAT address this host takes part in. Locked by the receive
-    /// loop (return traffic) and the TUN reader (outbound), per packet: the agent's one lock,
-    /// uncontended unless both directions are busy at once.
+    /// Egress SNAT tables, one per SNAT address this host takes part in: the mappings both
+    /// directions share and change (the TUN reader makes them, return traffic refreshes them).
+    /// The receive loop locks them at most once per batch, and only for a batch that holds
+    /// return traffic (it tells return traffic by its own copy of the port sets,
+    /// [`SnatPorts`]); the TUN reader once per packet it reads (one GSO packet: all of its
+    /// segments).
     snat: Mutex<Vec<SnatTable>>,
     /// Outbound SNAT counters, kept by the TUN reader.
     outbound: Mutex<OutboundCounters>,
@@ -278,6 +311,7 @@ impl Shared {
         c.snat_outbound_failed = o.snat_outbound_failed;
         c.snat_exhausted = o.snat_exhausted;
         c.tun_ignored = o.tun_ignored;
+        c.tun_gso_reads = o.tun_gso_reads;
         c
     }
 
@@ -412,6 +446,35 @@ fn egress_rules(
     crate::egress::rules(egress, policy.addresses(), &vip_addresses(config), families)
 }
 
+/// The agent's receiving device as `io` asks: AF_XDP on every queue of `interface`, steering
+/// only tunnel packets to the agent's `addresses` (with the steering to keep while it runs),
+/// or an AF_PACKET ring; `auto` tries AF_XDP first and logs why it fell back.
+fn open_receiver(
+    interface: &str,
+    addresses: &[IpAddr],
+    io: lb_core::config::IoMode,
+) -> Result<(Box<dyn Receiver>, Option<crate::xdp::Steering>), String> {
+    use lb_core::config::IoMode;
+    if io != IoMode::AfPacket {
+        match crate::xdp::open_tunnel_receiver(interface, addresses) {
+            Ok((rx, steering, mode)) => {
+                tracing::info!(%interface, attach = mode.attach.as_str(), bind = mode.bind.as_str(), queues = mode.queues, "receiving tunnel packets with AF_XDP");
+                for why in &mode.fallbacks {
+                    tracing::warn!(%interface, reason = %why, "AF_XDP fallback");
+                }
+                return Ok((Box::new(rx), Some(steering)));
+            }
+            Err(e) if io == IoMode::Auto => {
+                tracing::warn!(%interface, error = %e, "AF_XDP is not available; using AF_PACKET");
+            }
+            Err(e) => return Err(format!("node.io = \"af_xdp\": {e}")),
+        }
+    }
+    let rx = AfPacketReceiver::open(interface, None, RingConfig::default())
+        .map_err(|e| e.to_string())?;
+    Ok((Box::new(rx), None))
+}
+
 /// Runs `lb agent` until SIGTERM or SIGINT.
 pub fn run(options: &RunOptions) -> Result<(), String> {
     let config = Config::load(&options.config).map_err(|e| e.to_string())?;
@@ -425,9 +488,11 @@ pub fn run(options: &RunOptions) -> Result<(), String> {
     };
     let mut policy =
         Policy::from_config(&config).map_err(|e| format!("{}: {e}", options.config.display()))?;
-    let mut rx = AfPacketReceiver::open(&interface, None, RingConfig::default())
-        .map_err(|e| e.to_string())?;
+    let (mut rx, _steering) = open_receiver(&interface, policy.addresses(), config.node.io)?;
     let tun = Tun::open(&agent.tun, true).map_err(|e| e.to_string())?;
+    if let Err(e) = tun.enable_offloads() {
+        tracing::warn!(error = %e, "TUN offloads off: egress packets come one at a time, with complete checksums");
+    }
     prepare_rp_filter(tun.name());
     let mut tx = marked_transmitter()?;
     let mut diag = SockDiag::open().map_err(|e| format!("sock_diag: {e}"))?;
@@ -523,9 +588,13 @@ pub fn run(options: &RunOptions) -> Result<(), String> {
     let mut guard = ChainGuard::new(ChainBudget::of(&agent), monotonic_ns());
     let mut out = vec![0u8; 65_535 + 48];
     let mut scratch = vec![0u8; 65_535];
+    let mut coalescer = Coalescer::new(BATCH_FRAMES);
+    let mut snat_ports = SnatPorts::of(&shared.snat.lock().unwrap_or_else(PoisonError::into_inner));
     let mut last_report = Instant::now();
     let mut last_expire = Instant::now();
     while !shared.stopping() {
+        // Taken at the first return packet of a batch, released at its end.
+        let mut snat_hold: Option<MutexGuard<'_, Vec<SnatTable>>> = None;
         let received = rx.receive(BATCH_FRAMES, POLL_TIMEOUT, &mut |frame| {
             local.frames += 1;
             let parsed = match packet::parse(frame, link) {
@@ -557,21 +626,24 @@ pub fn run(options: &RunOptions) -> Result<(), String> {
                         Verdict::DeliverChained(_) => local.delivered_chained += 1,
                         _ => {}
                     }
-                    let written = match snat_inbound(&shared, inner, &mut scratch) {
-                        SnatInbound::NotSnat => tun.write_packet(inner),
+                    let packet = match snat_inbound(
+                        &shared,
+                        &snat_ports,
+                        &mut snat_hold,
+                        inner,
+                        &mut scratch,
+                    ) {
+                        SnatInbound::NotSnat => inner,
                         SnatInbound::Translated(len) => {
                             local.snat_inbound += 1;
-                            tun.write_packet(&scratch[..len])
+                            &scratch[..len]
                         }
                         SnatInbound::NoMapping => {
                             local.snat_inbound_misses += 1;
                             return;
                         }
                     };
-                    match written {
-                        Ok(()) => local.delivered += 1,
-                        Err(_) => local.tun_errors += 1,
-                    }
+                    deliver(&mut coalescer, &tun, &mut local, packet);
                 }
                 Verdict::Chain { inner, to } => {
                     if !guard.allow_relay(now) {
@@ -601,6 +673,8 @@ pub fn run(options: &RunOptions) -> Result<(), String> {
                 }
             }
         });
+        drop(snat_hold);
+        flush_tun(&mut coalescer, &tun, &mut local);
         if received.is_err() {
             thread::sleep(POLL_TIMEOUT);
         }
@@ -661,6 +735,7 @@ pub fn run(options: &RunOptions) -> Result<(), String> {
                     if !same_split {
                         tracing::warn!("the SNAT port split changed: egress mappings start afresh");
                         *tables = new_tables;
+                        snat_ports = SnatPorts::of(&tables);
                     }
                     drop(tables);
                     if let Some(a) = &new_config.agent {
@@ -729,15 +804,62 @@ enum SnatInbound {
     NoMapping,
 }
 
-fn snat_inbound(shared: &Shared, inner: &[u8], scratch: &mut [u8]) -> SnatInbound {
+/// The receive loop's copy of which ports of which SNAT address are this host's: the port sets
+/// of [`Shared::snat`]'s tables, in the same order. With it, a delivered packet that is not
+/// return traffic of an egress connection (nearly all of them) is told without the tables'
+/// lock. Only the receive loop replaces the tables (on a reload, between batches), and it
+/// rebuilds this copy at the same time, so the two never disagree; no atomics are needed.
+struct SnatPorts {
+    /// (SNAT address, bit `p` set when port `p` is this host's), one per table.
+    tables: Vec<(IpAddr, Box<[u64]>)>,
+}
+
+impl SnatPorts {
+    /// The port sets of `tables`.
+    fn of(tables: &[SnatTable]) -> SnatPorts {
+        SnatPorts {
+            tables: tables
+                .iter()
+                .map(|t| {
+                    let mut bits = vec![0u64; 65_536 / 64].into_boxed_slice();
+                    for p in t.ranges().flatten() {
+                        bits[usize::from(p) / 64] |= 1 << (p % 64);
+                    }
+                    (t.snat_address(), bits)
+                })
+                .collect(),
+        }
+    }
+
+    /// The index of the table that owns (`address`, `port`), if any.
+    fn table_of(&self, address: IpAddr, port: u16) -> Option<usize> {
+        self.tables.iter().position(|(a, bits)| {
+            *a == address && bits[usize::from(port) / 64] >> (port % 64) & 1 == 1
+        })
+    }
+}
+
+/// Translates return traffic of an egress connection into `scratch`. `tables` is the batch's
+/// hold on the SNAT tables, taken here at the batch's first return packet.
+fn snat_inbound<'a>(
+    shared: &'a Shared,
+    ports: &SnatPorts,
+    tables: &mut Option<MutexGuard<'a, Vec<SnatTable>>>,
+    inner: &[u8],
+    scratch: &mut [u8],
+) -> SnatInbound {
+    if ports.tables.is_empty() {
+        return SnatInbound::NotSnat;
+    }
     let Some((dst, port)) = transport_destination(inner) else {
         return SnatInbound::NotSnat;
     };
-    let mut tables = shared.snat.lock().unwrap_or_else(PoisonError::into_inner);
-    let Some(table) = tables
-        .iter_mut()
-        .find(|t| t.snat_address() == dst && t.is_mine(port))
-    else {
+    let Some(index) = ports.table_of(dst, port) else {
+        return SnatInbound::NotSnat;
+    };
+    let tables =
+        tables.get_or_insert_with(|| shared.snat.lock().unwrap_or_else(PoisonError::into_inner));
+    let Some(table) = tables.get_mut(index) else {
         return SnatInbound::NotSnat;
     };
     let Some(buf) = scratch.get_mut(..inner.len()) else {
@@ -748,6 +870,34 @@ fn snat_inbound(shared: &Shared, inner: &[u8], scratch: &mut [u8]) -> SnatInboun
         Ok(_) => SnatInbound::Translated(inner.len()),
         Err(_) => SnatInbound::NoMapping,
     }
+}
+
+/// Hands a packet to deliver to the coalescer (written at the batch's end by [`flush_tun`]).
+fn deliver(coalescer: &mut Coalescer, tun: &Tun, local: &mut AgentCounters, packet: &[u8]) {
+    match coalescer.push(packet) {
+        Ok(()) => {}
+        Err(PushError::Full) => {
+            // More packets than slots (never within one batch of BATCH_FRAMES): write what is
+            // pending, in order, and start afresh.
+            flush_tun(coalescer, tun, local);
+            if coalescer.push(packet).is_err() {
+                local.tun_errors += 1;
+            }
+        }
+        Err(PushError::BadLength) => local.tun_errors += 1,
+    }
+}
+
+/// Writes everything the coalescer holds into the TUN, one `write` per item, and counts it.
+fn flush_tun(coalescer: &mut Coalescer, tun: &Tun, local: &mut AgentCounters) {
+    if coalescer.pending() == 0 {
+        return;
+    }
+    let c = coalescer.flush(&mut |frame| tun.write_frame(frame));
+    local.delivered += c.packets;
+    local.tun_writes += c.writes;
+    local.tun_coalesced += c.coalesced;
+    local.tun_errors += c.failed_packets;
 }
 
 /// The destination address and TCP/UDP port of an unfragmented IP packet.
@@ -762,6 +912,12 @@ fn transport_destination(packet: &[u8]) -> Option<(IpAddr, u16)> {
 /// Reads what the kernel routes into the TUN (egress connections of this host), translates the
 /// source to a VIP and a port of this host's ranges, and sends it. A connection that gets no
 /// port is refused at once with an ICMP error written back into the TUN.
+///
+/// With the TUN's offloads on ([`Tun::enable_offloads`]) one read may be a TCP GSO packet of
+/// up to 64 KiB: it is cut into wire-size segments with full checksums
+/// ([`crate::vnet::split_tcp`]) and each is translated; a packet with a partial checksum gets
+/// it completed ([`crate::vnet::complete_checksum`]). The SNAT tables are locked once per read
+/// and the translated packets sent with one flush per read.
 fn snat_outbound_loop(shared: &Shared, tun: &Tun) {
     let mut tx = match marked_transmitter() {
         Ok(tx) => tx,
@@ -772,32 +928,52 @@ fn snat_outbound_loop(shared: &Shared, tun: &Tun) {
     };
     let mut counters = OutboundCounters::default();
     let mut refused = RefusedFlows::default();
-    let mut buf = vec![0u8; 65_535];
+    let mut buf = vec![0u8; MAX_PACKET];
+    let mut segment = vec![0u8; MAX_PACKET];
     let mut icmp = vec![0u8; 1280];
     let mut last_expire = Instant::now();
     while !shared.stopping() {
-        let len = match tun.read_packet(&mut buf, POLL_TIMEOUT) {
-            Ok(Some(len)) => len,
-            Ok(None) => 0,
+        let (header, len) = match tun.read_packet(&mut buf, POLL_TIMEOUT) {
+            Ok(Some(read)) => read,
+            Ok(None) => (VnetHeader::NONE, 0),
             Err(e) => {
                 tracing::warn!(error = %e, "TUN read failed");
                 thread::sleep(POLL_TIMEOUT);
-                0
+                (VnetHeader::NONE, 0)
             }
         };
         if len > 0
             && let Some(packet) = buf.get_mut(..len)
         {
             if is_egress(packet) {
-                egress_packet(
-                    shared,
+                let mut tables = shared.snat.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut egress = Egress {
+                    tables: &mut tables,
                     tun,
-                    &mut tx,
-                    packet,
-                    &mut counters,
-                    &mut refused,
-                    &mut icmp,
-                );
+                    tx: &mut tx,
+                    counters: &mut counters,
+                    refused: &mut refused,
+                    icmp: &mut icmp,
+                };
+                if header.is_gso() {
+                    egress.counters.tun_gso_reads += 1;
+                    let split = split_tcp(header, packet, &mut segment, &mut |seg| {
+                        egress.packet(seg);
+                    });
+                    if split.is_err() {
+                        counters.snat_outbound_failed += 1;
+                    }
+                } else if complete_checksum(header, packet).is_ok() {
+                    egress.packet(packet);
+                } else {
+                    counters.snat_outbound_failed += 1;
+                }
+                drop(tables);
+                if tx.queued() > 0 {
+                    let report = tx.flush().unwrap_or_default();
+                    counters.snat_outbound += report.sent;
+                    counters.snat_outbound_failed += report.failed;
+                }
             } else {
                 counters.tun_ignored += 1;
             }
@@ -825,55 +1001,57 @@ fn snat_outbound_loop(shared: &Shared, tun: &Tun) {
         .unwrap_or_else(PoisonError::into_inner) = counters;
 }
 
-/// One egress packet from the TUN: translated and sent, or refused.
-fn egress_packet(
-    shared: &Shared,
-    tun: &Tun,
-    tx: &mut RawIpTransmitter,
-    packet: &mut [u8],
-    counters: &mut OutboundCounters,
-    refused: &mut RefusedFlows,
-    icmp: &mut [u8],
-) {
-    let now = monotonic_ns();
-    let version_v4 = packet.first().is_some_and(|b| b >> 4 == 4);
-    let mut tables = shared.snat.lock().unwrap_or_else(PoisonError::into_inner);
-    let result = tables
-        .iter_mut()
-        .find(|t| t.snat_address().is_ipv4() == version_v4)
-        .map(|t| t.translate_outbound(packet, now));
-    drop(tables);
-    match result {
-        Some(Ok(t)) => {
-            if t.new_mapping {
-                counters.snat_new_mappings += 1;
-            }
-            let to = t.remote.ip();
-            if tx.queue(packet, to).is_ok() && tx.flush().is_ok_and(|r| r.failed == 0) {
-                counters.snat_outbound += 1;
-            } else {
-                counters.snat_outbound_failed += 1;
-            }
-        }
-        Some(Err(SnatError::Exhausted | SnatError::TableFull)) => {
-            // The packet is unchanged: refuse it where it came from, so that the connection
-            // fails now instead of retrying a SYN that goes nowhere.
-            counters.snat_outbound_failed += 1;
-            if refused.first(flow_of(packet), now) {
-                counters.snat_exhausted += 1;
-                if counters.snat_exhausted.is_power_of_two() {
-                    tracing::warn!(
-                        connections = counters.snat_exhausted,
-                        "egress SNAT: no port free (this host's port ranges exhausted toward the destination, or its table full); new connections are refused"
-                    );
+/// What the TUN reader translates one egress packet with.
+struct Egress<'a> {
+    tables: &'a mut Vec<SnatTable>,
+    tun: &'a Tun,
+    tx: &'a mut RawIpTransmitter,
+    counters: &'a mut OutboundCounters,
+    refused: &'a mut RefusedFlows,
+    icmp: &'a mut [u8],
+}
+
+impl Egress<'_> {
+    /// One egress packet (whole, checksums complete): translated and queued (counted when
+    /// the queue is flushed), or refused.
+    fn packet(&mut self, packet: &mut [u8]) {
+        let now = monotonic_ns();
+        let version_v4 = packet.first().is_some_and(|b| b >> 4 == 4);
+        let result = self
+            .tables
+            .iter_mut()
+            .find(|t| t.snat_address().is_ipv4() == version_v4)
+            .map(|t| t.translate_outbound(packet, now));
+        let counters = &mut *self.counters;
+        match result {
+            Some(Ok(t)) => {
+                if t.new_mapping {
+                    counters.snat_new_mappings += 1;
+                }
+                if self.tx.queue(packet, t.remote.ip()).is_err() {
+                    counters.snat_outbound_failed += 1;
                 }
             }
-            if let Some(n) = refusal(packet, icmp) {
-                let _ = tun.write_packet(&icmp[..n]);
+            Some(Err(SnatError::Exhausted | SnatError::TableFull)) => {
+                // The packet is unchanged: refuse it where it came from, so that the connection
+                // fails now instead of retrying a SYN that goes nowhere.
+                counters.snat_outbound_failed += 1;
+                if self.refused.first(flow_of(packet), now) {
+                    counters.snat_exhausted += 1;
+                    if counters.snat_exhausted.is_power_of_two() {
+                        tracing::warn!(
+                            connections = counters.snat_exhausted,
+                            "egress SNAT: no port free (this host's port ranges exhausted toward the destination, or its table full); new connections are refused"
+                        );
+                    }
+                }
+                if let Some(n) = refusal(packet, self.icmp) {
+                    let _ = self.tun.write_packet(&self.icmp[..n]);
+                }
             }
+            // Not TCP/UDP (a ping), a fragment, no SNAT address of this family: not translated.
+            Some(Err(_)) | None => counters.snat_outbound_failed += 1,
         }
-        // Not TCP/UDP (a ping), a fragment, no SNAT address of this family: not translated.
-        Some(Err(_)) | None => counters.snat_outbound_failed += 1,
     }
 }
 
@@ -925,6 +1103,8 @@ mod tests {
             frames: 1,
             kernel_drops: 2,
             delivered: 3,
+            tun_writes: 24,
+            tun_coalesced: 25,
             delivered_unknown_previous: 4,
             chained: 5,
             delivered_chained: 6,
@@ -940,12 +1120,15 @@ mod tests {
             snat_inbound: 21,
             snat_inbound_misses: 22,
             tun_ignored: 23,
+            tun_gso_reads: 26,
         };
         let values: HashSet<u64> = c.rows().iter().map(|(_, v)| *v).collect();
-        assert_eq!(values, (1..=23).collect());
+        assert_eq!(values, (1..=26).collect());
         let json = c.to_json();
         assert_eq!(json["rejected_foreign_source"], 9);
         assert_eq!(json["snat_exhausted"], 20);
+        assert_eq!(json["tun_writes"], 24);
+        assert_eq!(json["tun_coalesced"], 25);
         assert!(json.as_object().unwrap().values().all(Value::is_u64));
         c.frames = 0;
         assert_eq!(c.to_json()["frames"], 0);

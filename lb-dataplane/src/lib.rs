@@ -5,7 +5,9 @@
 //! - [`rawip`]: batched transmission of IP packets on raw sockets (`sendmmsg`); the kernel's
 //!   routing and neighbour tables find the next hop.
 //! - [`xdp`]: AF_XDP sockets, the XDP program that steers VIP frames into them, next hops.
-//! - [`tun`]: a TUN device (`IFF_TUN | IFF_NO_PI`) where the agent injects decapsulated packets.
+//! - [`tun`]: a TUN device (`IFF_TUN | IFF_NO_PI | IFF_VNET_HDR`) where the agent injects
+//!   decapsulated packets; [`vnet`]: its virtio-net header, checksums, GSO segmentation of what
+//!   the agent reads; [`coalesce`]: the TCP segments of a batch merged into one write (GRO).
 //! - [`sockdiag`]: `NETLINK_SOCK_DIAG` lookups of one TCP 4-tuple (does this host have it?).
 //! - [`memory`]: an in-memory device, so the whole worker loop runs under `cargo test` without
 //!   root.
@@ -24,13 +26,14 @@
 //!   [`egress`]: egress SNAT's policy routing, TUN packet triage and fast refusals.
 //!
 //! Invariant to keep: nothing on the mux's per-packet path allocates, locks or makes a syscall
-//! per packet. (The agent writes each delivered packet into a TUN, one `write` each: see
-//! [`tun`].)
+//! per packet. (The agent writes into a TUN once per coalesced item, at the end of each batch:
+//! see [`tun`] and [`coalesce`].)
 
 pub mod afpacket;
 pub mod agent;
 pub mod agent_run;
 pub mod chain_guard;
+pub mod coalesce;
 pub mod control;
 pub mod device;
 pub mod egress;
@@ -44,6 +47,7 @@ pub mod rawip;
 pub mod sockdiag;
 pub mod socket;
 pub mod tun;
+pub mod vnet;
 pub mod watch;
 pub mod worker;
 pub mod xdp;

@@ -1,28 +1,41 @@
-//! A TUN device (`IFF_TUN | IFF_NO_PI`): the backend agent writes decapsulated inner IP packets
-//! into the kernel through it, and reads the packets the kernel routes into it.
+//! A TUN device (`IFF_TUN | IFF_NO_PI | IFF_VNET_HDR`): the backend agent writes decapsulated
+//! inner IP packets into the kernel through it, and reads the packets the kernel routes into it.
 //!
 //! **Why a TUN.** The agent receives IP-in-IP and GRE packets from the muxes and must hand the
 //! inner packet to the local TCP stack as if it had arrived from the client. In production the
 //! kernel's own `ipip` / `gre` devices do exactly that, without user space; this lab's kernel
 //! has neither (and no modules can be loaded), so the agent decapsulates in user space (an
-//! AF_PACKET ring; raw sockets for protocols 4, 41 and 47 keep the kernel quiet) and injects the inner packet with a write on a TUN. A write
-//! on a TUN file descriptor is received by the kernel as if the packet had arrived on the
-//! device: `ip_rcv` / `ipv6_rcv`, then the route lookup, netfilter `PREROUTING` / `INPUT` and
-//! local delivery. With `IFF_NO_PI` the packets are bare IPv4 or IPv6 (the kernel picks the
-//! protocol from the version nibble and refuses anything else with `EINVAL`).
+//! AF_PACKET ring; raw sockets for protocols 4, 41 and 47 keep the kernel quiet) and injects the
+//! inner packet with a write on a TUN. A write on a TUN file descriptor is received by the
+//! kernel as if the packet had arrived on the device: `ip_rcv` / `ipv6_rcv`, then the route
+//! lookup, netfilter `PREROUTING` / `INPUT` and local delivery. With `IFF_NO_PI` the packets
+//! are bare IPv4 or IPv6 (the kernel picks the protocol from the version nibble and refuses
+//! anything else with `EINVAL`).
 //!
-//! **Cost: one syscall per packet.** [`Tun::write_packet`] is one `write(2)` per packet, and
-//! [`Tun::read_packet`] one `read(2)` (plus a `poll` when nothing is queued). A TUN has no
-//! batched write: `writev` still carries one packet, and `sendmmsg` does not exist for a
-//! character device. Only vhost-net (a virtio ring shared with the kernel) or io_uring
-//! (many writes per `io_uring_enter`) would batch, at a large increase in complexity. This
-//! breaks the crate's no-syscall-per-packet rule for the mux, and is accepted here because:
-//! the agent runs on backend hosts, where it carries only that host's share of the inbound
-//! traffic (one backend of many, and only the client-to-server direction: replies leave by
-//! DSR without touching the agent); each injected packet costs the backend's TCP stack and
-//! application more than the syscall; and a production deployment would use the kernel's own
-//! `ipip` / `gre` decapsulation instead of this module. Measure before relying on it for a
-//! high-rate backend.
+//! **The virtio-net header and offloads.** Every read and write carries a 10-byte
+//! `virtio_net_hdr` in front of the packet (`IFF_VNET_HDR`, `TUNSETVNETHDRSZ` 10; layout and
+//! meaning in [`crate::vnet`]). Writing: a header with `GSO_TCPV4`/`GSO_TCPV6` hands the kernel
+//! one TCP super-packet of up to 64 KiB that stands for many segments, and the kernel delivers
+//! it to the socket as one packet, as it does with its own GRO; [`crate::coalesce`] builds them,
+//! [`Tun::write_frame`] writes them. This needs only `IFF_VNET_HDR`. Reading: with
+//! [`Tun::enable_offloads`] (`TUNSETOFFLOAD` `TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6`, as
+//! wireguard-go and tailscale set it) the kernel skips segmentation and checksumming for what
+//! it routes into the device, and a read may return a TCP GSO packet of up to 64 KiB or a
+//! packet whose checksum is partial. The agent's egress SNAT path reads those and must send
+//! wire packets on raw sockets, so it cuts them up and completes the checksums itself
+//! ([`crate::vnet::split_tcp`], [`crate::vnet::complete_checksum`]): one read, one lock of the
+//! SNAT tables and one `sendmmsg` per 64 KiB instead of per segment. `TUN_F_TSO_ECN` and the
+//! UDP offloads stay off, so the kernel still segments those itself. A kernel that refuses
+//! `TUNSETOFFLOAD` leaves plain packets (header "no GSO"), which the same path handles.
+//!
+//! **Cost: one syscall per write, not per packet.** [`Tun::write_frame`] and
+//! [`Tun::write_packet`] are one `write(2)`/`writev(2)` each, [`Tun::read_packet`] one
+//! `readv(2)` (plus a `poll` when nothing is queued). A TUN has no batched write (`sendmmsg`
+//! does not exist for a character device; only vhost-net or io_uring would batch), so the agent
+//! cuts the number of writes instead: a batch's TCP segments of one flow become one write. A
+//! bulk TCP flow then costs one write per up to 64 KiB; what cannot be coalesced (SYNs, pure
+//! ACKs, UDP, interleaved small packets) still costs one write each. A production deployment
+//! would use the kernel's own `ipip` / `gre` decapsulation (with GRO) instead of this module.
 //!
 //! **Settings the host needs** (each seen failing without it):
 //! - `rp_filter` **0 on the TUN and on `all`**. The effective value is the maximum of the two,
@@ -40,14 +53,14 @@
 //! a name taken by another kind of device fails with `EINVAL`. The device is created in the
 //! network namespace of the calling thread.
 //!
-//! **Queues.** One queue: `IFF_MULTI_QUEUE` is not used. The agent's write rate is bounded by
-//! the syscall per packet, not by a queue lock, and writes from several threads on one
-//! descriptor are each one whole packet (the kernel processes a write as one packet); the
-//! read side (egress for SNAT) is low-rate. Several queues would only matter to spread the
-//! kernel's transmit side over CPUs.
+//! **Queues.** One queue: `IFF_MULTI_QUEUE` is not used. Writes from several threads on one
+//! descriptor are each one whole packet (the kernel processes a write as one packet), and one
+//! thread writes (the receive loop) while another reads (egress). Several queues would only
+//! matter to spread the kernel's transmit side over CPUs.
 //!
-//! **Invariants.** The descriptor is non-blocking; `read_packet` waits with `poll` and never
-//! blocks past its time-out. Nothing allocates after [`Tun::open`]. Every error names the
+//! **Invariants.** Every read and write carries the virtio-net header; the descriptor is
+//! non-blocking; `read_packet` waits with `poll` and never blocks past its time-out. Nothing
+//! allocates after [`Tun::open`]. Every error names the
 //! device and the step (`TUN tun0: TUNSETIFF: Operation not permitted`).
 
 use std::io;
@@ -55,10 +68,12 @@ use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use crate::vnet::{VNET_HDR_LEN, VnetHeader};
+
 /// The TUN clone device.
 const CLONE_DEVICE: &std::ffi::CStr = c"/dev/net/tun";
 
-/// An open TUN device (`IFF_TUN | IFF_NO_PI`, one queue). See the module docs.
+/// An open TUN device (`IFF_TUN | IFF_NO_PI | IFF_VNET_HDR`, one queue). See the module docs.
 #[derive(Debug)]
 pub struct Tun {
     /// The `/dev/net/tun` descriptor attached to the device, non-blocking.
@@ -147,12 +162,15 @@ fn bring_up(name: &str, req: &mut libc::ifreq) -> io::Result<()> {
 }
 
 impl Tun {
-    /// Opens (creating if needed) the TUN device `name` (`IFF_TUN | IFF_NO_PI`: packets are
-    /// bare IPv4/IPv6), and sets it up (`IFF_UP`) if `bring_up`. `name` may be a template such
-    /// as `tun%d`; [`Tun::name`] then tells the name the kernel chose.
+    /// Opens (creating if needed) the TUN device `name` (`IFF_TUN | IFF_NO_PI | IFF_VNET_HDR`:
+    /// packets are bare IPv4/IPv6 behind a virtio-net header of [`VNET_HDR_LEN`] bytes), and
+    /// sets it up (`IFF_UP`) if `bring_up`. Offloads stay off until [`Tun::enable_offloads`].
+    /// `name` may be a template such as `tun%d`; [`Tun::name`] then tells the name the kernel
+    /// chose.
     ///
-    /// Steps, in order: open `/dev/net/tun` (non-blocking), `TUNSETIFF`, then `SIOCGIFFLAGS` /
-    /// `SIOCSIFFLAGS` on an `AF_INET` socket when bringing it up. Needs `CAP_NET_ADMIN`.
+    /// Steps, in order: open `/dev/net/tun` (non-blocking), `TUNSETIFF`, `TUNSETVNETHDRSZ`, then
+    /// `SIOCGIFFLAGS` / `SIOCSIFFLAGS` on an `AF_INET` socket when bringing it up. Needs
+    /// `CAP_NET_ADMIN`.
     ///
     /// # Errors
     ///
@@ -184,7 +202,8 @@ impl Tun {
         // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // Writing a union field of plain data needs no unsafe; the kernel reads `ifru_flags`.
-        req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        req.ifr_ifru.ifru_flags =
+            (libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
         // SAFETY: `req` is a valid, writable `ifreq` with a NUL-terminated name; TUNSETIFF
         // reads it and writes the final device name back into it, nothing outside.
         let rc = unsafe {
@@ -198,6 +217,16 @@ impl Tun {
             return Err(context(name, "TUNSETIFF", &io::Error::last_os_error()));
         }
         let actual = ifreq_name(&req);
+        let size = libc::c_int::try_from(VNET_HDR_LEN).unwrap_or(libc::c_int::MAX);
+        // SAFETY: TUNSETVNETHDRSZ reads one `c_int` through the pointer during the call.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &raw const size) };
+        if rc != 0 {
+            return Err(context(
+                &actual,
+                "TUNSETVNETHDRSZ",
+                &io::Error::last_os_error(),
+            ));
+        }
         if bring_up {
             // A fresh request: the union of `req` now holds what TUNSETIFF left there.
             let Some(mut up) = ifreq_for(&actual) else {
@@ -219,8 +248,33 @@ impl Tun {
         &self.name
     }
 
-    /// Writes one IP packet into the kernel (it is received as if it arrived on the device).
-    /// One `write(2)`; the packet's first nibble (4 or 6) tells the kernel its protocol.
+    /// Turns on the offloads the kernel may use for packets it routes *into* the device
+    /// (`TUNSETOFFLOAD`): `TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6`. [`Tun::read_packet`] may
+    /// then return TCP packets of up to 64 KiB with a GSO header, and packets whose transport
+    /// checksum is partial; [`crate::vnet::split_tcp`] and [`crate::vnet::complete_checksum`]
+    /// turn them back into wire packets. Writing GSO packets ([`Tun::write_frame`]) needs
+    /// only `IFF_VNET_HDR`, which [`Tun::open`] always sets.
+    ///
+    /// # Errors
+    ///
+    /// The kernel's refusal, naming the device and the step.
+    pub fn enable_offloads(&self) -> io::Result<()> {
+        let flags = libc::c_ulong::from(libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6);
+        // SAFETY: TUNSETOFFLOAD takes its argument by value; the descriptor is valid.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETOFFLOAD, flags) };
+        if rc != 0 {
+            return Err(context(
+                &self.name,
+                "TUNSETOFFLOAD",
+                &io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes one IP packet into the kernel (it is received as if it arrived on the device),
+    /// behind a virtio-net header saying "no GSO, checksums complete". One `writev(2)`; the
+    /// packet's first nibble (4 or 6) tells the kernel its protocol.
     ///
     /// # Errors
     ///
@@ -235,18 +289,55 @@ impl Tun {
                 format!("TUN {}: write: empty packet", self.name),
             ));
         }
+        let header = VnetHeader::NONE.to_bytes();
+        let parts = [
+            libc::iovec {
+                iov_base: header.as_ptr().cast_mut().cast(),
+                iov_len: header.len(),
+            },
+            libc::iovec {
+                iov_base: packet.as_ptr().cast_mut().cast(),
+                iov_len: packet.len(),
+            },
+        ];
+        self.write_parts(&parts, header.len() + packet.len())
+    }
+
+    /// Writes one frame: a virtio-net header ([`VNET_HDR_LEN`] bytes, see [`crate::vnet`])
+    /// followed by an IP packet, possibly a GSO super-packet. One `write(2)`.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for a frame without a packet after the header; the kernel's error
+    /// otherwise (`EINVAL` also for a header the kernel refuses), naming the device.
+    pub fn write_frame(&self, frame: &[u8]) -> io::Result<()> {
+        if frame.len() <= VNET_HDR_LEN {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("TUN {}: write: empty packet", self.name),
+            ));
+        }
+        let parts = [libc::iovec {
+            iov_base: frame.as_ptr().cast_mut().cast(),
+            iov_len: frame.len(),
+        }];
+        self.write_parts(&parts, frame.len())
+    }
+
+    /// One `writev` of `parts` (`total` bytes), retried on `EINTR`.
+    fn write_parts(&self, parts: &[libc::iovec], total: usize) -> io::Result<()> {
+        let count = libc::c_int::try_from(parts.len()).unwrap_or(libc::c_int::MAX);
         loop {
-            // SAFETY: `packet` is readable for its length for the duration of the call; the
-            // descriptor is valid (owned by `self`).
-            let n =
-                unsafe { libc::write(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
+            // SAFETY: every iovec points at memory readable for its length for the duration
+            // of the call (borrowed by the caller); the kernel only reads it. The descriptor
+            // is valid (owned by `self`).
+            let n = unsafe { libc::writev(self.fd.as_raw_fd(), parts.as_ptr(), count) };
             match usize::try_from(n) {
-                Ok(n) if n == packet.len() => return Ok(()),
+                Ok(n) if n == total => return Ok(()),
                 Ok(n) => {
                     return Err(io::Error::other(format!(
-                        "TUN {}: write: short write, {n} of {} bytes",
-                        self.name,
-                        packet.len()
+                        "TUN {}: write: short write, {n} of {total} bytes",
+                        self.name
                     )));
                 }
                 Err(_) => {
@@ -261,25 +352,43 @@ impl Tun {
     }
 
     /// Reads one packet the kernel routed into the device (for SNAT egress), waiting up to
-    /// `timeout`; `Ok(None)` on timeout. Tries a `read` first and polls only when nothing is
-    /// queued, so a busy device costs one syscall per packet.
+    /// `timeout`; `Ok(None)` on timeout. Returns the packet's virtio-net header and length (the
+    /// packet itself is in `buf`). Tries a `readv` first and polls only when nothing is queued.
     ///
-    /// `buf` should hold the device's MTU (1500 unless changed). A longer packet is truncated
-    /// silently: the kernel copies what fits, returns that length and discards the rest (the
-    /// IP header's length field is then larger than the length returned; a test checks this).
+    /// `buf` should hold the largest packet: the device's MTU, or 65 535 bytes once
+    /// [`Tun::enable_offloads`] lets the kernel hand over GSO packets. A longer packet is
+    /// truncated silently: the kernel copies what fits, returns that length and discards the
+    /// rest (the IP header's length field is then larger than the length returned; a test
+    /// checks this). A read shorter than the header is returned as a packet of length 0.
     ///
     /// # Errors
     ///
     /// A failing `read` or `poll`, naming the device and the step.
-    pub fn read_packet(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+    pub fn read_packet(
+        &self,
+        buf: &mut [u8],
+        timeout: Duration,
+    ) -> io::Result<Option<(VnetHeader, usize)>> {
         // `None` (a time-out too large for `Instant`): wait without a bound.
         let deadline = Instant::now().checked_add(timeout);
+        let mut header = [0u8; VNET_HDR_LEN];
         loop {
-            // SAFETY: `buf` is writable for its length for the duration of the call; the
-            // descriptor is valid (owned by `self`).
-            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            let parts = [
+                libc::iovec {
+                    iov_base: header.as_mut_ptr().cast(),
+                    iov_len: header.len(),
+                },
+                libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
+                },
+            ];
+            // SAFETY: both iovecs point at memory writable for their lengths for the duration
+            // of the call (`header` and `buf`, borrowed here); the descriptor is valid.
+            let n = unsafe { libc::readv(self.fd.as_raw_fd(), parts.as_ptr(), 2) };
             if let Ok(n) = usize::try_from(n) {
-                return Ok(Some(n));
+                let len = n.saturating_sub(VNET_HDR_LEN);
+                return Ok(Some((VnetHeader::from_bytes(&header), len)));
             }
             let err = io::Error::last_os_error();
             match err.kind() {
@@ -513,10 +622,11 @@ mod tests {
             // MLD): skip anything that is not our datagram.
             let packet = loop {
                 let left = deadline.saturating_duration_since(Instant::now());
-                let Some(n) = tun.read_packet(&mut buf, left).expect("read") else {
+                let Some((header, n)) = tun.read_packet(&mut buf, left).expect("read") else {
                     panic!("the datagram did not come out of the TUN");
                 };
                 if buf[0] >> 4 == 4 {
+                    assert_eq!(header, VnetHeader::NONE, "no offloads: a plain packet");
                     break buf[..n].to_vec();
                 }
             };
@@ -544,7 +654,7 @@ mod tests {
             sender.send_to(&[7u8; 100], target).expect("send_to");
             let mut small = [0u8; 20];
             let n = loop {
-                let n = tun
+                let (_, n) = tun
                     .read_packet(&mut small, Duration::from_secs(2))
                     .expect("read")
                     .expect("the second datagram");
@@ -558,7 +668,7 @@ mod tests {
                 .read_packet(&mut buf, Duration::from_millis(50))
                 .expect("read");
             assert!(
-                rest.is_none_or(|n| buf[..n][0] >> 4 == 6),
+                rest.is_none_or(|(_, n)| buf[..n][0] >> 4 == 6),
                 "the rest of the packet is not delivered later: {rest:?}"
             );
         });
@@ -571,7 +681,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let Some(n) = tun.read_packet(&mut buf, left).expect("read") else {
+            let Some((_, n)) = tun.read_packet(&mut buf, left).expect("read") else {
                 panic!("no TCP packet {from} -> {to} came out of the TUN");
             };
             let Ok(parsed) = SlicedPacket::from_ip(&buf[..n]) else {
@@ -639,6 +749,180 @@ mod tests {
                 diag.tcp_state(local, remote).expect("query"),
                 Some(state::ESTABLISHED)
             );
+        });
+    }
+
+    /// An IPv4/TCP segment `from` -> `to` (ACK, window 65535, DF, IP ID `id`) with `payload`,
+    /// checksums filled in.
+    fn tcp_segment(
+        from: SocketAddrV4,
+        to: SocketAddrV4,
+        seq: u32,
+        ack: u32,
+        id: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut ip = etherparse::Ipv4Header::new(
+            (20 + payload.len()) as u16,
+            64,
+            etherparse::IpNumber::TCP,
+            from.ip().octets(),
+            to.ip().octets(),
+        )
+        .expect("IPv4 header");
+        ip.identification = id;
+        ip.header_checksum = ip.calc_header_checksum();
+        let mut tcp = etherparse::TcpHeader::new(from.port(), to.port(), seq, 65535);
+        tcp.ack = true;
+        tcp.acknowledgment_number = ack;
+        tcp.checksum = tcp.calc_checksum_ipv4(&ip, payload).expect("checksum");
+        let mut out = Vec::new();
+        ip.write(&mut out).expect("write");
+        tcp.write(&mut out).expect("write");
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn a_coalesced_gso_write_reaches_a_tcp_socket_intact() {
+        in_private_netns(|| {
+            let tun = agent_like_setup("tuntest0");
+            add_route(Ipv4Addr::new(198, 18, 1, 0), 24, "tuntest0");
+            let listener = TcpListener::bind((VIP, 80)).expect("listen on VIP:80");
+            let client = SocketAddrV4::new(CLIENT, 40001);
+            let vip = SocketAddrV4::new(VIP, 80);
+            let isn = 7_000_000u32;
+            let syn = PacketBuilder::ipv4(CLIENT.octets(), VIP.octets(), 64)
+                .tcp(client.port(), vip.port(), isn, 65535)
+                .syn();
+            let mut packet = Vec::new();
+            syn.write(&mut packet, &[]).expect("build");
+            tun.write_packet(&packet).expect("write SYN");
+            let (_, _, server_isn, _) = read_tcp(&tun, vip, client);
+            let ack = server_isn.wrapping_add(1);
+            let handshake_ack = tcp_segment(client, vip, isn + 1, ack, 1, &[]);
+            tun.write_packet(&handshake_ack).expect("write ACK");
+            let (mut stream, _) = listener.accept().expect("accept");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .expect("timeout");
+
+            // Eight segments of 1000 bytes, in order: one write of one super-packet.
+            let data: Vec<u8> = (0..8000u32).map(|i| (i % 251) as u8).collect();
+            let mut coalescer = crate::coalesce::Coalescer::new(8);
+            for (k, chunk) in data.chunks(1000).enumerate() {
+                let seq = isn + 1 + 1000 * k as u32;
+                let segment = tcp_segment(client, vip, seq, ack, 2 + k as u16, chunk);
+                coalescer.push(&segment).expect("push");
+            }
+            assert_eq!(coalescer.pending(), 1, "merged into one item");
+            let counts = coalescer.flush(&mut |frame| tun.write_frame(frame));
+            assert_eq!((counts.writes, counts.packets, counts.coalesced), (1, 8, 8));
+            assert_eq!(counts.failed_writes, 0);
+            let mut got = vec![0u8; data.len()];
+            io::Read::read_exact(&mut stream, &mut got).expect("the stream's bytes");
+            assert_eq!(got, data, "delivered intact, in order");
+        });
+    }
+
+    #[test]
+    fn with_offloads_the_kernel_hands_over_gso_packets_that_split_into_wire_segments() {
+        in_private_netns(|| {
+            let tun = agent_like_setup("tuntest0");
+            tun.enable_offloads().expect("TUNSETOFFLOAD");
+            add_route(Ipv4Addr::new(198, 18, 77, 0), 24, "tuntest0");
+            let peer = SocketAddrV4::new(Ipv4Addr::new(198, 18, 77, 5), 7000);
+            let data: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+            let to_send = data.clone();
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+            // The connecting side runs in this namespace too (threads inherit it).
+            let sender = std::thread::spawn(move || {
+                let mut stream =
+                    std::net::TcpStream::connect_timeout(&peer.into(), Duration::from_secs(5))
+                        .expect("connect through the TUN");
+                io::Write::write_all(&mut stream, &to_send).expect("write");
+                // Keep the connection open until the test has read everything.
+                let _ = done_rx.recv_timeout(Duration::from_secs(10));
+            });
+            // Play the peer: answer the SYN with a SYN-ACK offering an MSS of 1000.
+            let mut buf = vec![0u8; crate::coalesce::MAX_PACKET];
+            let mut out = vec![0u8; crate::coalesce::MAX_PACKET];
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let (local, syn_seq) = loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let (header, n) = tun.read_packet(&mut buf, left).expect("read").expect("SYN");
+                crate::vnet::complete_checksum(header, &mut buf[..n]).expect("checksum");
+                let Ok(parsed) = SlicedPacket::from_ip(&buf[..n]) else {
+                    continue;
+                };
+                if let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(tcp))) =
+                    (&parsed.net, &parsed.transport)
+                    && tcp.syn()
+                {
+                    let local = SocketAddrV4::new(ip.header().source_addr(), tcp.source_port());
+                    break (local, tcp.sequence_number());
+                }
+            };
+            let syn_ack = PacketBuilder::ipv4(peer.ip().octets(), local.ip().octets(), 64)
+                .tcp(peer.port(), local.port(), 5000, 65535)
+                .syn()
+                .ack(syn_seq.wrapping_add(1))
+                .options(&[etherparse::TcpOptionElement::MaximumSegmentSize(1000)])
+                .expect("options");
+            let mut packet = Vec::new();
+            syn_ack.write(&mut packet, &[]).expect("build");
+            tun.write_packet(&packet).expect("write SYN-ACK");
+
+            // Without ACKs from the peer, the first flight is the initial window: 10 × 1000.
+            let mut got = vec![None::<u8>; data.len()];
+            let mut gso_reads = 0;
+            let mut segments = 0;
+            while got.iter().any(Option::is_none) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let Some((header, n)) = tun.read_packet(&mut buf, left).expect("read") else {
+                    panic!("not all data came out of the TUN: {gso_reads} GSO reads");
+                };
+                let mut each = |seg: &mut [u8]| {
+                    let Ok(parsed) = SlicedPacket::from_ip(seg) else {
+                        return;
+                    };
+                    let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(tcp))) =
+                        (&parsed.net, &parsed.transport)
+                    else {
+                        return;
+                    };
+                    let ip_header = ip.header().to_header();
+                    assert_eq!(ip_header.calc_header_checksum(), ip_header.header_checksum);
+                    assert_eq!(
+                        tcp.to_header()
+                            .calc_checksum_ipv4(&ip_header, tcp.payload())
+                            .expect("checksum"),
+                        tcp.checksum(),
+                        "a full TCP checksum on every segment"
+                    );
+                    assert!(tcp.payload().len() <= 1000, "wire-size segments");
+                    let offset = tcp.sequence_number().wrapping_sub(syn_seq.wrapping_add(1));
+                    for (k, b) in tcp.payload().iter().enumerate() {
+                        if let Some(slot) = got.get_mut(offset as usize + k) {
+                            *slot = Some(*b);
+                        }
+                    }
+                    segments += 1;
+                };
+                if header.is_gso() {
+                    gso_reads += 1;
+                    crate::vnet::split_tcp(header, &buf[..n], &mut out, &mut each).expect("split");
+                } else {
+                    crate::vnet::complete_checksum(header, &mut buf[..n]).expect("checksum");
+                    each(&mut buf[..n]);
+                }
+            }
+            let got: Vec<u8> = got.into_iter().map(Option::unwrap_or_default).collect();
+            assert_eq!(got, data, "the bytes the socket sent, in order");
+            assert!(gso_reads > 0, "TSO: at least one read was a GSO packet");
+            assert!(segments >= 10);
+            let _ = done_tx.send(());
+            sender.join().expect("sender");
         });
     }
 

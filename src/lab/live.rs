@@ -307,8 +307,9 @@ impl LiveLab {
             .map(|i| format!("\"{}/32\"", Fleet::mux_address(i)))
             .collect();
         let mut s = format!(
-            "version = 1\n\n[node]\nname = \"be{j}\"\ninterface = \"b0\"\naddress_v4 = \"{b}\"\ncontrol_socket = {:?}\n\n\
+            "version = 1\n\n[node]\nname = \"be{j}\"\ninterface = \"b0\"\naddress_v4 = \"{b}\"\nio = \"{}\"\ncontrol_socket = {:?}\n\n\
              [agent]\nmuxes = [{}]\nchaining = {}\nhealth_address = \"{b}:{AGENT_HEALTH_PORT}\"\negress = [\"{INTERNET}/32\"]\n",
+            crate::topology::lab_io().unwrap_or_default().as_str(),
             self.dir().join(format!("agent{j}.sock")),
             muxes.join(", "),
             self.plan.chaining,

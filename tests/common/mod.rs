@@ -577,7 +577,7 @@ pub fn start_node(
     let socket = lab.log_dir().join(format!("{name}.sock"));
     let config = lab.log_dir().join(format!("{name}.toml"));
     let mut text = config_text.replace("SOCKET", &format!("{socket:?}"));
-    if role == "mux" {
+    if role == "mux" || role == "agent" {
         text = lb::topology::with_lab_io(&text).unwrap_or_else(|e| panic!("{e}"));
     }
     std::fs::write(&config, text).unwrap();

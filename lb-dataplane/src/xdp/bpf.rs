@@ -1,14 +1,16 @@
 //! The XDP program that steers VIP frames into the AF_XDP sockets, and the few `bpf(2)` calls
 //! that load and attach it: no BPF toolchain, no object file, no libbpf.
 //!
-//! The program is 35 instructions emitted here ([`steering_program`]):
+//! The program is 45 instructions emitted here ([`steering_program`]):
 //! 1. a frame shorter than Ethernet + IPv4 header, or neither IPv4 nor IPv6 (ARP, VLAN-tagged,
 //!    LLDP, ...), is passed to the kernel (`XDP_PASS`);
 //! 2. its destination address (IPv4 as IPv4-mapped IPv6, so one 16-byte key serves both) is
 //!    looked up in the VIP map ([`VipMap`], a BPF hash map the node keeps equal to the
 //!    published snapshot's addresses);
-//! 3. a VIP frame is redirected into the XSKMAP slot of its receive queue; when that slot has
-//!    no socket, `bpf_redirect_map`'s fallback action passes it to the kernel.
+//! 3. a frame to a steered address is redirected into the XSKMAP slot of its receive queue
+//!    (for an address of kind [`KIND_TUNNELS`], an agent's, only IP-in-IP, IPv6-in-IP and GRE
+//!    packets); when that slot has no socket, `bpf_redirect_map`'s fallback action passes it to
+//!    the kernel.
 //!
 //! Every other frame (the host's own traffic: ARP, neighbour discovery, BGP, SSH, health
 //! checks) reaches the kernel as if no program were attached.
@@ -48,6 +50,12 @@ const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 
 /// `XDP_PASS`.
 const XDP_PASS: i32 = 2;
+
+/// An address's kind in the VIP map: every frame to it is steered (a mux's VIP).
+pub const KIND_ANY: u32 = 0;
+/// An address's kind in the VIP map: only tunnel packets to it (IP-in-IP, IPv6-in-IP, GRE) are
+/// steered, the rest is the host's (an agent's own address).
+pub const KIND_TUNNELS: u32 = 1;
 
 /// Keys of the VIP map: an IPv6 address, IPv4 as IPv4-mapped.
 const VIP_KEY: u32 = 16;
@@ -223,10 +231,11 @@ impl VipMap {
         self.fd.as_raw_fd()
     }
 
-    /// Adds `addresses` (already present ones stay).
-    pub fn add(&self, addresses: &[IpAddr]) -> io::Result<()> {
+    /// Adds `addresses` as `kind` ([`KIND_ANY`] or [`KIND_TUNNELS`]); present ones are
+    /// updated.
+    pub fn add(&self, addresses: &[IpAddr], kind: u32) -> io::Result<()> {
         for &a in addresses {
-            update(&self.fd, &vip_key(a), &1u32.to_ne_bytes())?;
+            update(&self.fd, &vip_key(a), &kind.to_ne_bytes())?;
         }
         Ok(())
     }
@@ -318,6 +327,7 @@ const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
 const LDX_W: u8 = 0x61;
 const LDX_H: u8 = 0x69;
 const LDX_DW: u8 = 0x79;
+const LDX_B: u8 = 0x71;
 const STX_W: u8 = 0x63;
 const STX_DW: u8 = 0x7b;
 const ST_W: u8 = 0x62;
@@ -357,48 +367,66 @@ fn ld_map_fd(dst: u8, fd: RawFd) -> [Insn; 2] {
 /// The steering program (see the module docs), with the descriptors of its two maps.
 #[must_use]
 pub fn steering_program(vips: RawFd, xsks: RawFd) -> Vec<Insn> {
-    // Registers: r6 = ctx, r2 = data, r3 = data_end, r4 = bound, r5 = scratch, r10 = frame.
+    // Registers: r6 = ctx, r7 = data (kept across the call), r9 = EtherType, r2 = data,
+    // r3 = data_end, r4 = bound or protocol, r5 = scratch, r10 = frame pointer.
     let mut p = vec![
-        insn(MOV64_X, 6, 1, 0, 0),                              // 0: r6 = ctx
-        insn(LDX_W, 2, 6, MD_DATA, 0),                          // 1: r2 = data
-        insn(LDX_W, 3, 6, MD_DATA_END, 0),                      // 2: r3 = data_end
-        insn(MOV64_X, 4, 2, 0, 0),                              // 3: r4 = data
-        insn(ADD64_K, 4, 0, 0, 14 + 20),                        // 4: r4 += Ethernet + IPv4 header
-        insn(JGT_X, 4, 3, 27 /* -> PASS */, 0),                 // 5: if r4 > data_end goto PASS
-        insn(LDX_H, 5, 2, 12, 0),                               // 6: r5 = EtherType
-        insn(JEQ_K, 5, 0, 9 /* -> V4 */, ETH_P_IP_LOADED),      // 7
-        insn(JNE_K, 5, 0, 24 /* -> PASS */, ETH_P_IPV6_LOADED), // 8
-        // IPv6: the destination is at 14 + 24 .. 14 + 40.
-        insn(MOV64_X, 4, 2, 0, 0),              // 9
-        insn(ADD64_K, 4, 0, 0, 14 + 40),        // 10
-        insn(JGT_X, 4, 3, 21 /* -> PASS */, 0), // 11
-        insn(LDX_DW, 5, 2, 14 + 24, 0),         // 12
-        insn(STX_DW, 10, 5, -16, 0),            // 13
-        insn(LDX_DW, 5, 2, 14 + 32, 0),         // 14
-        insn(STX_DW, 10, 5, -8, 0),             // 15
-        insn(JA, 0, 0, 4 /* -> LOOKUP */, 0),   // 16
-        // V4: ::ffff:a.b.c.d, the destination at 14 + 16.
-        insn(ST_DW, 10, 0, -16, 0),                    // 17
-        insn(ST_W, 10, 0, -8, 0xffff_0000_u32 as i32), // 18: bytes 00 00 ff ff
-        insn(LDX_W, 5, 2, 14 + 16, 0),                 // 19
-        insn(STX_W, 10, 5, -4, 0),                     // 20
+        insn(MOV64_X, 6, 1, 0, 0),                     // 0: r6 = ctx
+        insn(LDX_W, 2, 6, MD_DATA, 0),                 // 1: r2 = data
+        insn(LDX_W, 3, 6, MD_DATA_END, 0),             // 2: r3 = data_end
+        insn(MOV64_X, 7, 2, 0, 0),                     // 3: r7 = data
+        insn(MOV64_X, 4, 2, 0, 0),                     // 4: r4 = data
+        insn(ADD64_K, 4, 0, 0, 14 + 20),               // 5: Ethernet + IPv4 header
+        insn(JGT_X, 4, 3, 36, 0),                      // 6: short -> PASS
+        insn(LDX_H, 9, 2, 12, 0),                      // 7: r9 = EtherType
+        insn(JEQ_K, 9, 0, 9, ETH_P_IP_LOADED),         // 8: IPv4 -> V4
+        insn(JNE_K, 9, 0, 33, ETH_P_IPV6_LOADED),      // 9: not IPv6 -> PASS
+        insn(MOV64_X, 4, 2, 0, 0),                     // 10: IPv6
+        insn(ADD64_K, 4, 0, 0, 14 + 40),               // 11
+        insn(JGT_X, 4, 3, 30, 0),                      // 12: short -> PASS
+        insn(LDX_DW, 5, 2, 14 + 24, 0),                // 13: destination
+        insn(STX_DW, 10, 5, -16, 0),                   // 14
+        insn(LDX_DW, 5, 2, 14 + 32, 0),                // 15
+        insn(STX_DW, 10, 5, -8, 0),                    // 16
+        insn(JA, 0, 0, 4, 0),                          // 17: -> LOOKUP
+        insn(ST_DW, 10, 0, -16, 0),                    // 18: V4: ::ffff:a.b.c.d
+        insn(ST_W, 10, 0, -8, 0xffff_0000_u32 as i32), // 19: bytes 00 00 ff ff
+        insn(LDX_W, 5, 2, 14 + 16, 0),                 // 20: destination
+        insn(STX_W, 10, 5, -4, 0),                     // 21
     ];
-    // LOOKUP (21): bpf_map_lookup_elem(vips, fp - 16).
-    p.extend(ld_map_fd(1, vips)); // 21, 22
-    p.push(insn(MOV64_X, 2, 10, 0, 0)); // 23
-    p.push(insn(ADD64_K, 2, 0, 0, -16)); // 24
-    p.push(insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM)); // 25
-    p.push(insn(JEQ_K, 0, 0, 6 /* -> PASS */, 0)); // 26
-    // bpf_redirect_map(xsks, rx_queue_index, XDP_PASS): no socket in the slot -> pass.
-    p.push(insn(LDX_W, 2, 6, MD_RX_QUEUE_INDEX, 0)); // 27
-    p.extend(ld_map_fd(1, xsks)); // 28, 29
-    p.push(insn(MOV64_K, 3, 0, 0, XDP_PASS)); // 30
-    p.push(insn(CALL, 0, 0, 0, HELPER_REDIRECT_MAP)); // 31
-    p.push(insn(EXIT, 0, 0, 0, 0)); // 32
-    // PASS (33).
-    p.push(insn(MOV64_K, 0, 0, 0, XDP_PASS)); // 33
-    p.push(insn(EXIT, 0, 0, 0, 0)); // 34
+    p.extend(ld_map_fd(1, vips)); // 22, 23: LOOKUP
+    p.extend([
+        insn(MOV64_X, 2, 10, 0, 0),                                // 24
+        insn(ADD64_K, 2, 0, 0, -16),                               // 25: r2 = &key
+        insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM),               // 26
+        insn(JEQ_K, 0, 0, 15, 0),                                  // 27: not steered -> PASS
+        insn(LDX_W, 5, 0, 0, 0),                                   // 28: r5 = the address's kind
+        insn(JEQ_K, 5, 0, 7, KIND_ANY as i32),                     // 29: any protocol -> REDIRECT
+        insn(LDX_B, 4, 7, 14 + 9, 0),                              // 30: IPv4 protocol
+        insn(JEQ_K, 9, 0, 1, ETH_P_IP_LOADED),                     // 31: IPv4 -> CHECK
+        insn(LDX_B, 4, 7, 14 + 6, 0),                              // 32: IPv6 next header
+        insn(JEQ_K, 4, 0, 3, i32::from(libc::IPPROTO_IPIP as u8)), // 33: CHECK
+        insn(JEQ_K, 4, 0, 2, i32::from(libc::IPPROTO_IPV6 as u8)), // 34
+        insn(JEQ_K, 4, 0, 1, i32::from(libc::IPPROTO_GRE as u8)),  // 35
+        insn(JA, 0, 0, 6, 0),                                      // 36: -> PASS
+        insn(LDX_W, 2, 6, MD_RX_QUEUE_INDEX, 0),                   // 37: REDIRECT
+    ]);
+    p.extend(ld_map_fd(1, xsks)); // 38, 39
+    p.extend([
+        // bpf_redirect_map(xsks, rx_queue_index, XDP_PASS): no socket in the slot -> pass.
+        insn(MOV64_K, 3, 0, 0, XDP_PASS),         // 40
+        insn(CALL, 0, 0, 0, HELPER_REDIRECT_MAP), // 41
+        insn(EXIT, 0, 0, 0, 0),                   // 42
+        insn(MOV64_K, 0, 0, 0, XDP_PASS),         // 43: PASS
+        insn(EXIT, 0, 0, 0, 0),                   // 44
+    ]);
     p
+}
+
+/// A program that passes every frame to the kernel: what another tool's program looks like to
+/// the mux (tests of "never replace someone else's program" attach it).
+#[must_use]
+pub fn pass_program() -> Vec<Insn> {
+    vec![insn(MOV64_K, 0, 0, 0, XDP_PASS), insn(EXIT, 0, 0, 0, 0)]
 }
 
 /// The name of the loaded program, as `bpftool prog` shows it.
@@ -471,20 +499,30 @@ mod tests {
     #[test]
     fn jumps_land_on_their_labels() {
         let p = steering_program(3, 4);
-        assert_eq!(p.len(), 35);
-        let target = |at: usize| at + 1 + p[at].off as usize;
-        // Every early exit lands on PASS (33: r0 = XDP_PASS).
-        for at in [5, 8, 11, 26] {
-            assert_eq!(target(at), 33, "jump at {at}");
-            assert_eq!(p[33].code, MOV64_K);
-            assert_eq!(p[33].imm, XDP_PASS);
+        assert_eq!(p.len(), 45);
+        let target = |at: usize| (at as i64 + 1 + i64::from(p[at].off)) as usize;
+        const PASS: usize = 43;
+        const REDIRECT: usize = 37;
+        assert_eq!((p[PASS].code, p[PASS].imm), (MOV64_K, XDP_PASS));
+        assert_eq!(p[PASS + 1].code, EXIT);
+        for at in [6, 9, 12, 27, 36] {
+            assert_eq!(target(at), PASS, "jump at {at}");
         }
-        assert_eq!(target(7), 17, "IPv4 branch");
-        assert_eq!(target(16), 21, "IPv6 branch joins the lookup");
-        assert_eq!(p[21].code, LD_IMM64);
-        assert_eq!(p[21].imm, 3);
-        assert_eq!(p[28].imm, 4);
-        assert_eq!(p[34].code, EXIT);
+        assert_eq!(target(8), 18, "IPv4 branch");
+        assert_eq!(target(17), 22, "IPv6 branch joins the lookup");
+        assert_eq!(target(31), 33, "IPv4 protocol checked");
+        for at in [29, 33, 34, 35] {
+            assert_eq!(target(at), REDIRECT, "jump at {at}");
+        }
+        assert_eq!((p[22].code, p[22].imm), (LD_IMM64, 3));
+        assert_eq!((p[38].code, p[38].imm), (LD_IMM64, 4));
+        assert_eq!(p[41].imm, HELPER_REDIRECT_MAP);
+        // Every jump stays inside the program.
+        for (at, i) in p.iter().enumerate() {
+            if i.code & 0x07 == 0x05 && i.code != CALL && i.code != EXIT {
+                assert!(target(at) < p.len(), "jump at {at}");
+            }
+        }
     }
 
     #[test]

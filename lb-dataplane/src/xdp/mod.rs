@@ -11,15 +11,17 @@
 //! - [`open`]: the whole set-up for a mux, and its [`Steering`] (the attached program, the VIP
 //!   map kept equal to the published snapshot, the resolver).
 //!
-//! **Why hand-written, not a crate.** The program is 35 instructions; emitting them needs no
+//! **Why hand-written, not a crate.** The program is 45 instructions; emitting them needs no
 //! clang, bpf-linker or nightly toolchain, which aya-ebpf or libbpf's C programs would (CI would
 //! have to install them). Loading them needs four `bpf(2)` commands. aya's loader wants an ELF
 //! object; libxdp/xsk-rs link libbpf and libelf in C; `xdpilone` (pure Rust rings) is
 //! EUPL-1.2, a copyleft licence this MIT/Apache project does not take on. The rings are the
 //! kernel's documented SPSC protocol ([`xsk`]), a few hundred lines with their invariants.
 //!
-//! **Layout.** Worker *i* owns one socket bound to receive queue *i* of `node.interface`; the
-//! socket's UMEM is split between its receive frames and its send frames. A packet to a
+//! **Layout.** Every receive queue of `node.interface` gets a socket (a frame on a queue without
+//! one would reach the kernel, which drops VIP traffic); worker *w* of *W* reads queues *w*,
+//! *w* + *W*, ... and sends from its first queue's socket. Each socket's UMEM is split between
+//! its receive frames and its send frames. A packet to a
 //! destination whose next hop leaves by another interface is sent from a send-only socket on
 //! queue *i* of that interface, opened on first use. The worker copies each received frame
 //! into its batch arena and each output into a send frame, as with AF_PACKET: received and sent
@@ -59,31 +61,6 @@ use crate::rawip::RawIpTransmitter;
 
 /// Ethernet header bytes in front of every sent packet.
 const ETHERNET: usize = 14;
-
-/// The receiving device of one worker: its socket's RX half.
-#[derive(Debug)]
-pub struct AfXdpReceiver {
-    rx: XskRx,
-}
-
-impl Receiver for AfXdpReceiver {
-    fn link(&self) -> Link {
-        Link::Ethernet
-    }
-
-    fn receive(
-        &mut self,
-        max_frames: usize,
-        timeout: Duration,
-        on_frame: &mut dyn FnMut(&[u8]),
-    ) -> io::Result<usize> {
-        self.rx.receive(max_frames, timeout, on_frame)
-    }
-
-    fn kernel_drops(&mut self) -> u64 {
-        self.rx.dropped().unwrap_or(0)
-    }
-}
 
 /// A send-only socket on another interface, or why it could not be opened.
 #[derive(Debug)]
@@ -245,7 +222,7 @@ pub struct XdpMode {
     pub attach: AttachMode,
     /// How the sockets are bound.
     pub bind: BindMode,
-    /// Receive queues with a socket (= workers).
+    /// Receive queues with a socket (all of the interface's).
     pub queues: u32,
     /// Why a preferred mode was not used (zero-copy, driver mode), if one was not.
     pub fallbacks: Vec<String>,
@@ -259,7 +236,8 @@ pub struct Steering {
     _xsks: XskMap,
     _program: OwnedFd,
     _link: OwnedFd,
-    resolver: Resolver,
+    /// The mux's next hops (the agent sends through the kernel: none).
+    resolver: Option<Resolver>,
 }
 
 /// The addresses a snapshot receives traffic for: every VIP address (SNAT return traffic is
@@ -296,10 +274,12 @@ impl crate::control::PublishHook for Steering {
 impl Steering {
     /// Before `snapshot` is published: steer its VIP addresses too, and resolve its backends.
     pub fn before_publish(&self, snapshot: &Snapshot) {
-        if let Err(e) = self.vips.add(&vip_addresses(snapshot)) {
+        if let Err(e) = self.vips.add(&vip_addresses(snapshot), bpf::KIND_ANY) {
             tracing::error!(error = %e, "cannot add VIP addresses to the AF_XDP steering map; their traffic goes to the kernel");
         }
-        self.resolver.set_destinations(destinations(snapshot));
+        if let Some(r) = &self.resolver {
+            r.set_destinations(destinations(snapshot));
+        }
     }
 
     /// After `snapshot` is published: stop steering addresses it no longer has.
@@ -315,48 +295,39 @@ impl Steering {
     }
 }
 
-/// Receive queues of `interface` (`/sys/class/net/IF/queues/rx-*`).
-pub fn rx_queues(interface: &str) -> io::Result<u32> {
-    let n = std::fs::read_dir(format!("/sys/class/net/{interface}/queues"))?
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
-        .count();
-    Ok(u32::try_from(n).unwrap_or(u32::MAX).max(1))
-}
-
-fn ifindex(interface: &str) -> io::Result<u32> {
-    let name = std::ffi::CString::new(interface).map_err(|_| {
-        io::Error::new(io::ErrorKind::InvalidInput, "interface name has a NUL byte")
-    })?;
-    // SAFETY: a valid NUL-terminated string.
-    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if i == 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(i)
-    }
-}
+/// The receive halves a worker reads, and the queue and send half of its first.
+type WorkerSockets = (Vec<XskRx>, Option<(u32, XskTx)>);
 
 /// One worker's pair of AF_XDP devices.
 pub type XdpDevices = (AfXdpReceiver, AfXdpTransmitter);
 
-/// Sets up AF_XDP on `interface` for `workers` workers (at most one per receive queue),
-/// steering the VIP addresses of `snapshot`: the devices of each worker, the [`Steering`] to
-/// keep while they run, and the mode in force. Errors say which step failed.
-pub fn open(
+fn step(what: String) -> impl FnOnce(io::Error) -> io::Error {
+    move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// The program attached to an interface with a socket on each of the first `count` receive
+/// queues.
+struct Attached {
+    index: u32,
+    sockets: Vec<(u32, XskRx, XskTx)>,
+    vips: VipMap,
+    xsks: XskMap,
+    program: OwnedFd,
+    link: OwnedFd,
+    mode: XdpMode,
+}
+
+/// Opens a socket on every receive queue of `interface`, steers `addresses` of `kind` into
+/// them and attaches the program (driver mode, else skb mode; never over someone else's
+/// program).
+fn attach(
     interface: &str,
-    workers: usize,
-    snapshot: &Snapshot,
-) -> io::Result<(Vec<XdpDevices>, Steering, XdpMode)> {
-    let step = |what: String| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
-    let home = ifindex(interface).map_err(step(format!("interface {interface}")))?;
-    let queues = rx_queues(interface).map_err(step(format!("{interface}: reading its queues")))?;
-    let count = u32::try_from(workers).unwrap_or(u32::MAX).clamp(1, queues);
-    let config = XskConfig::default();
-    let mtu: u32 = std::fs::read_to_string(format!("/sys/class/net/{interface}/mtu"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1500);
+    addresses: &[IpAddr],
+    kind: u32,
+    config: XskConfig,
+) -> io::Result<Attached> {
+    let link = neighbour::link_info(interface).map_err(step(format!("interface {interface}")))?;
+    let (index, count, mtu) = (link.index, link.rx_queues, link.mtu);
     if mtu + ETHERNET as u32 > config.max_frame() {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
@@ -366,17 +337,15 @@ pub fn open(
             ),
         ));
     }
-    let vips = VipMap::create().map_err(step("creating the VIP map".into()))?;
-    vips.add(&vip_addresses(snapshot))
-        .map_err(step("filling the VIP map".into()))?;
-    let xsks = XskMap::create(queues).map_err(step("creating the XSKMAP".into()))?;
-    let resolver = Resolver::start(destinations(snapshot))
-        .map_err(step("reading next hops over rtnetlink".into()))?;
+    let vips = VipMap::create().map_err(step("creating the steering map".into()))?;
+    vips.add(addresses, kind)
+        .map_err(step("filling the steering map".into()))?;
+    let xsks = XskMap::create(count).map_err(step("creating the XSKMAP".into()))?;
     let mut fallbacks = Vec::new();
     let mut bind = BindMode::ZeroCopy;
     let mut sockets = Vec::with_capacity(count as usize);
     for queue in 0..count {
-        let (rx, tx, mode, why) = Xsk::open(home, queue, config)
+        let (rx, tx, mode, why) = Xsk::open(index, queue, config)
             .map_err(step(format!("AF_XDP socket on {interface} queue {queue}")))?;
         let rx = rx.ok_or_else(|| io::Error::other("socket opened without its receive ring"))?;
         xsks.insert(queue, rx.raw_fd())
@@ -391,7 +360,7 @@ pub fn open(
     }
     let program = bpf::load_xdp(&bpf::steering_program(vips.raw_fd(), xsks.raw_fd()))
         .map_err(step("loading the steering program".into()))?;
-    let (link, attach) = match bpf::attach_link(&program, home, AttachMode::Driver) {
+    let (link, attach) = match bpf::attach_link(&program, index, AttachMode::Driver) {
         Ok(l) => (l, AttachMode::Driver),
         Err(driver) if driver.raw_os_error() == Some(libc::EBUSY) => {
             return Err(io::Error::new(
@@ -402,20 +371,67 @@ pub fn open(
             ));
         }
         Err(driver) => {
-            let l = bpf::attach_link(&program, home, AttachMode::Skb).map_err(step(format!(
+            let l = bpf::attach_link(&program, index, AttachMode::Skb).map_err(step(format!(
                 "attaching to {interface} (driver mode: {driver}; skb mode)"
             )))?;
             fallbacks.push(format!("driver-mode XDP refused: {driver}"));
             (l, AttachMode::Skb)
         }
     };
+    Ok(Attached {
+        index,
+        sockets,
+        vips,
+        xsks,
+        program,
+        link,
+        mode: XdpMode {
+            attach,
+            bind,
+            queues: count,
+            fallbacks,
+        },
+    })
+}
+
+/// Sets up AF_XDP on `interface` for `workers` workers (at most one per receive queue; a
+/// socket on every queue, worker *w* of *W* reading queues *w*, *w* + *W*, ...), steering the
+/// VIP addresses of `snapshot`: the devices of each worker, the [`Steering`] to keep while they
+/// run, and the mode in force. Errors say which step failed.
+pub fn open(
+    interface: &str,
+    workers: usize,
+    snapshot: &Snapshot,
+) -> io::Result<(Vec<XdpDevices>, Steering, XdpMode)> {
+    let resolver = Resolver::start(destinations(snapshot))
+        .map_err(step("reading next hops over rtnetlink".into()))?;
+    // A socket on every queue: a frame on a queue without one would go to the kernel, which
+    // drops VIP traffic. Worker w reads queues w, w + workers, ...
+    let a = attach(
+        interface,
+        &vip_addresses(snapshot),
+        bpf::KIND_ANY,
+        XskConfig::default(),
+    )?;
     let hops = resolver.table();
-    let devices = sockets
+    let home = a.index;
+    let workers = workers.clamp(1, a.sockets.len());
+    let mut owned: Vec<WorkerSockets> = (0..workers).map(|_| (Vec::new(), None)).collect();
+    for (queue, rx, tx) in a.sockets {
+        let (rxs, first) = &mut owned[queue as usize % workers];
+        rxs.push(rx);
+        // The worker sends from its first queue's socket; the others' send halves are unused.
+        if first.is_none() {
+            *first = Some((queue, tx));
+        }
+    }
+    let devices = owned
         .into_iter()
-        .map(|(queue, rx, tx)| {
+        .map(|(rxs, first)| {
+            let (queue, tx) = first.ok_or_else(|| io::Error::other("a worker without a queue"))?;
             let slow = RawIpTransmitter::open(crate::mux::TX_QUEUE)?;
             Ok((
-                AfXdpReceiver { rx },
+                AfXdpReceiver::new(rxs),
                 AfXdpTransmitter {
                     queue,
                     home: (home, tx),
@@ -431,20 +447,115 @@ pub fn open(
         })
         .collect::<io::Result<Vec<_>>>()?;
     let steering = Steering {
-        vips,
-        _xsks: xsks,
-        _program: program,
-        _link: link,
-        resolver,
+        vips: a.vips,
+        _xsks: a.xsks,
+        _program: a.program,
+        _link: a.link,
+        resolver: Some(resolver),
     };
-    Ok((
-        devices,
-        steering,
-        XdpMode {
-            attach,
-            bind,
-            queues: count,
-            fallbacks,
-        },
-    ))
+    Ok((devices, steering, a.mode))
+}
+
+/// The receiving device of one reader (a mux worker, the agent): the sockets of the receive
+/// queues it owns, read in turn.
+#[derive(Debug)]
+pub struct AfXdpReceiver {
+    queues: Vec<XskRx>,
+    /// The queue read first in the next batch, so that no queue starves another.
+    next: usize,
+    fds: Vec<libc::pollfd>,
+}
+
+impl Receiver for AfXdpReceiver {
+    fn link(&self) -> Link {
+        Link::Ethernet
+    }
+
+    fn receive(
+        &mut self,
+        max_frames: usize,
+        timeout: Duration,
+        on_frame: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<usize> {
+        let mut got = self.drain(max_frames, on_frame)?;
+        if got == 0 && !timeout.is_zero() {
+            let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+            for p in &mut self.fds {
+                p.revents = 0;
+            }
+            // SAFETY: `fds` is a live array of valid pollfds of the length passed.
+            let r =
+                unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, ms) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            got = self.drain(max_frames, on_frame)?;
+        }
+        Ok(got)
+    }
+
+    fn kernel_drops(&mut self) -> u64 {
+        self.queues.iter().map(|q| q.dropped().unwrap_or(0)).sum()
+    }
+}
+
+impl AfXdpReceiver {
+    fn new(queues: Vec<XskRx>) -> Self {
+        let fds = queues
+            .iter()
+            .map(|rx| libc::pollfd {
+                fd: rx.raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        Self {
+            queues,
+            next: 0,
+            fds,
+        }
+    }
+
+    /// Reads what is ready, without waiting, queue after queue from `next`.
+    fn drain(&mut self, max_frames: usize, on_frame: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
+        let n = self.queues.len();
+        let mut got = 0;
+        for i in 0..n {
+            if got >= max_frames {
+                break;
+            }
+            let q = (self.next + i) % n;
+            got += self.queues[q].receive(max_frames - got, Duration::ZERO, on_frame)?;
+        }
+        self.next = (self.next + 1) % n.max(1);
+        Ok(got)
+    }
+}
+
+/// Sets up AF_XDP receiving on every queue of `interface` for one reader (the agent), steering
+/// only tunnel packets (IP-in-IP, IPv6-in-IP, GRE) to `addresses`: everything else to those
+/// addresses (health checks, SSH) stays the kernel's.
+pub fn open_tunnel_receiver(
+    interface: &str,
+    addresses: &[IpAddr],
+) -> io::Result<(AfXdpReceiver, Steering, XdpMode)> {
+    // The agent sends through the kernel: its sockets need few send frames.
+    let config = XskConfig {
+        rx_frames: 2048,
+        tx_frames: 64,
+        ..XskConfig::default()
+    };
+    let a = attach(interface, addresses, bpf::KIND_TUNNELS, config)?;
+    let queues = a.sockets.into_iter().map(|(_, rx, _)| rx).collect();
+    let steering = Steering {
+        vips: a.vips,
+        _xsks: a.xsks,
+        _program: a.program,
+        _link: a.link,
+        resolver: None,
+    };
+    Ok((AfXdpReceiver::new(queues), steering, a.mode))
 }

@@ -1,7 +1,7 @@
 //! Next hops for AF_XDP transmission: for each destination the mux sends to (its backends), the
 //! interface the kernel would send from and the Ethernet addresses to put on the frame, read
 //! from the kernel's routing and neighbour tables over rtnetlink (`RTM_GETROUTE` for the route,
-//! an `RTM_GETNEIGH` dump for the neighbours).
+//! an `RTM_GETNEIGH` dump for the neighbours, `RTM_GETLINK` for the interfaces' own addresses).
 //!
 //! A [`Resolver`] thread refreshes the table every [`REFRESH`] and when the destinations change
 //! (a new snapshot), and publishes it whole through an `ArcSwap`; workers load it once per
@@ -26,6 +26,7 @@ use arc_swap::ArcSwap;
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
@@ -273,17 +274,7 @@ fn set_receive_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
     }
 }
 
-/// The MAC of interface `ifindex`, from sysfs.
-pub fn interface_mac(name: &str) -> io::Result<[u8; 6]> {
-    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/address"))?;
-    parse_mac(text.trim()).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{name}: no Ethernet address ({})", text.trim()),
-        )
-    })
-}
-
+#[cfg(test)]
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');
@@ -293,16 +284,59 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
-/// The name of interface `ifindex`.
-fn interface_name(ifindex: u32) -> Option<String> {
-    let mut buf = [0u8; libc::IF_NAMESIZE];
-    // SAFETY: `buf` has IF_NAMESIZE bytes, as `if_indextoname` needs.
-    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
-    if p.is_null() {
-        return None;
+/// What AF_XDP needs to know of an interface, read over rtnetlink (so it is the interface of
+/// the calling thread's network namespace, whatever /sys shows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// The interface index.
+    pub index: u32,
+    /// Its MTU.
+    pub mtu: u32,
+    /// Its receive queues.
+    pub rx_queues: u32,
+    /// Its Ethernet address, if it has a 6-byte one.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl Rtnl {
+    fn link(&mut self, index: u32) -> io::Result<LinkInfo> {
+        let mut message = LinkMessage::default();
+        message.header.index = index;
+        let mut info = LinkInfo {
+            index,
+            mtu: 1500,
+            rx_queues: 1,
+            mac: None,
+        };
+        for answer in self.request(RouteNetlinkMessage::GetLink(message), false)? {
+            if let RouteNetlinkMessage::NewLink(link) = answer {
+                for attribute in link.attributes {
+                    match attribute {
+                        LinkAttribute::Mtu(m) => info.mtu = m,
+                        LinkAttribute::NumRxQueues(q) => info.rx_queues = q.max(1),
+                        LinkAttribute::Address(a) => {
+                            info.mac = <[u8; 6]>::try_from(a.as_slice()).ok();
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(info)
     }
-    let end = buf.iter().position(|&b| b == 0)?;
-    String::from_utf8(buf[..end].to_vec()).ok()
+}
+
+/// The index, MTU, receive queues and MAC of interface `name`.
+pub fn link_info(name: &str) -> io::Result<LinkInfo> {
+    let c = std::ffi::CString::new(name).map_err(|_| {
+        io::Error::new(io::ErrorKind::InvalidInput, "interface name has a NUL byte")
+    })?;
+    // SAFETY: a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Rtnl::open()?.link(index)
 }
 
 /// Reads the next hops of `destinations` once.
@@ -319,9 +353,14 @@ fn resolve_with(rtnl: &mut Rtnl, destinations: &[IpAddr]) -> io::Result<NextHops
         let Some((ifindex, via)) = rtnl.route(destination)? else {
             continue;
         };
-        let source = *macs
-            .entry(ifindex)
-            .or_insert_with(|| interface_name(ifindex).and_then(|n| interface_mac(&n).ok()));
+        let source = match macs.get(&ifindex) {
+            Some(&m) => m,
+            None => {
+                let m = rtnl.link(ifindex)?.mac;
+                macs.insert(ifindex, m);
+                m
+            }
+        };
         let (Some(source), Some(&mac)) = (source, neighbours.get(&(ifindex, via))) else {
             continue;
         };

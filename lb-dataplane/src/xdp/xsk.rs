@@ -30,7 +30,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How a socket was bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -315,6 +315,9 @@ fn zeroed_offsets() -> libc::xdp_mmap_offsets {
     unsafe { std::mem::zeroed() }
 }
 
+/// How long [`Xsk::open`] waits for a busy queue to be released.
+pub const BUSY_WAIT: Duration = Duration::from_secs(2);
+
 /// An AF_XDP socket bound to one queue of one interface.
 pub struct Xsk;
 
@@ -322,7 +325,33 @@ impl Xsk {
     /// Opens a socket on queue `queue` of `ifindex`, tries zero-copy first and falls back to
     /// copy mode, and returns its two halves (no receive half when `config.rx_frames` is 0) and
     /// the bind mode in force (with the reason zero-copy was refused).
+    ///
+    /// A queue whose previous socket was just closed stays busy until the kernel's deferred
+    /// release has run (a restarted process meets this), so a busy queue is tried again for up
+    /// to [`BUSY_WAIT`] before the error is returned.
     pub fn open(
+        ifindex: u32,
+        queue: u32,
+        config: XskConfig,
+    ) -> io::Result<(Option<XskRx>, XskTx, BindMode, Option<String>)> {
+        let deadline = Instant::now() + BUSY_WAIT;
+        loop {
+            match Self::open_once(ifindex, queue, config) {
+                Err(e) if e.kind() == io::ErrorKind::ResourceBusy && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) if e.kind() == io::ErrorKind::ResourceBusy => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("{e} (another AF_XDP socket holds this queue)"),
+                    ));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(
         ifindex: u32,
         queue: u32,
         config: XskConfig,
@@ -564,11 +593,13 @@ impl XskRx {
             self.done.push(desc.addr & chunk_mask);
         }
         self.rx.release();
-        // The frames in circulation are exactly the fill ring's size, so there is room.
-        let room = self.fill.free(self.done.len() as u32) as usize;
-        for addr in self.done.drain(..).take(room) {
+        // The frames in circulation are exactly the fill ring's size, so there is room; were
+        // there not, the rest would wait in `done` for the next batch, never be lost.
+        let room = (self.fill.free(self.done.len() as u32) as usize).min(self.done.len());
+        for &addr in &self.done[..room] {
             self.fill.push(addr);
         }
+        self.done.drain(..room);
         self.fill.submit();
         Ok(n)
     }
