@@ -459,23 +459,15 @@ fn open_xsk(interface: &str, queue: usize) -> io::Result<XskTx> {
         tx_frames: 2048,
     };
     let queue = u32::try_from(queue).map_err(|_| io::Error::other("queue out of range"))?;
-    // A socket closed on this queue a moment ago (the probe's, the last run's) keeps it busy
-    // until the kernel's deferred release has run.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        match Xsk::open(index.unsigned_abs(), queue, config) {
-            Ok((_, tx, _mode, _why_not_zero_copy)) => return Ok(tx),
-            Err(e) if e.kind() == io::ErrorKind::ResourceBusy && Instant::now() < deadline => {
-                thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("AF_XDP socket on {interface} queue {queue}: {e}"),
-                ));
-            }
-        }
-    }
+    // (Xsk::open waits out a queue still busy from the probe's socket, closed a moment ago.)
+    let (_, tx, _mode, _why_not_zero_copy) = Xsk::open(index.unsigned_abs(), queue, config)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("AF_XDP socket on {interface} queue {queue}: {e}"),
+            )
+        })?;
+    Ok(tx)
 }
 
 /// One AF_XDP sender thread on transmit queue `queue` (in the caller's namespace): pushes up
