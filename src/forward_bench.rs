@@ -6,13 +6,16 @@
 //!  sender s0 198.18.40.2 ══ m-in 198.18.40.1 [mux] m-out 198.18.41.1 ══ k0 198.18.41.2 sink
 //! ```
 //! - The sender is AF_XDP (one send-only socket per thread, on the lead's
-//!   [`lb_dataplane::xdp::xsk`]) when it opens, else AF_PACKET `sendmmsg`; AF_XDP sends about
-//!   1.5 times as fast here, so the mux, not the sender, is the bottleneck.
+//!   [`lb_dataplane::xdp::xsk`]) when it opens, else AF_PACKET `sendmmsg`. One AF_XDP thread
+//!   offers 1.75–1.95 Mpps here beside a running mux, more than the mux forwards, so the mux,
+//!   not the sender, is the bottleneck.
 //! - Both veth pairs have [`QUEUES`] queues each way. The sender ([`crate::blast`]) runs one
 //!   thread per transmit queue of `s0` it uses, and a veth delivers on the peer's receive
-//!   queue of the same index; each flow stays on one queue. By default a case's sender uses
-//!   the queues its forwarder serves ([`sender_threads`]): all for the kernel, one per worker
-//!   for a mux (on AF_XDP, worker `i` owns receive queue `i`).
+//!   queue of the same index; each flow stays on one queue. By default ([`sender_threads`])
+//!   the kernel case's sender uses every queue (its forwarding runs in the sender threads'
+//!   softirq, so that is how it gets both cores) and a mux case's one thread per worker (one
+//!   thread already offers more than a worker forwards; a second would take the core the
+//!   worker needs on a 2-core machine). `--sender-threads` sets one count for every case.
 //! - Traffic: 64-byte UDP frames over `flows` source ports to the VIP 198.18.100.1, or with
 //!   `new_flows` TCP SYNs of a new 5-tuple each (a SYN flood's new-flow rate).
 //! - **kernel**: the mux namespace forwards (`ip_forward=1`, a route for the VIP via
@@ -148,7 +151,7 @@ pub struct ForwardPlan {
     /// The sender.
     pub sender: SenderChoice,
     /// Sender threads, 1 to [`QUEUES`] (thread `q` sends on queue `q`), for every case;
-    /// `None`: per case, one per receive queue its forwarder serves ([`sender_threads`]).
+    /// `None`: per case ([`sender_threads`]).
     pub sender_threads: Option<usize>,
     /// The sender's rate cap (frames per second, all threads); `None`: as fast as it can.
     pub pps: Option<u64>,
@@ -640,10 +643,9 @@ impl Bench<'_> {
     }
 }
 
-/// The sender `choice` resolves to, and a note when it is not the one asked for.
-/// The sender threads of a case: `fixed`, or one per receive queue the forwarder serves: all
-/// [`QUEUES`] for the kernel, one per worker for a mux (its worker `i` serves receive queue
-/// `i` on AF_XDP: traffic on a queue without a worker would not be the mux's to forward).
+/// The sender threads of a case: `fixed`, or all [`QUEUES`] for the kernel (its forwarding
+/// runs in the sender threads' softirq) and one per worker for a mux, up to [`QUEUES`] (one
+/// thread offers more than a worker forwards; more would take the worker's core).
 #[must_use]
 pub fn sender_threads(fixed: Option<usize>, forwarder: Forwarder, workers: Option<usize>) -> usize {
     fixed.unwrap_or(match forwarder {
@@ -652,7 +654,8 @@ pub fn sender_threads(fixed: Option<usize>, forwarder: Forwarder, workers: Optio
     })
 }
 
-/// `auto` is AF_XDP when a socket opens on the sender's veth, else AF_PACKET; an AF_XDP
+/// The sender `choice` resolves to, and a note when it is not the one asked for: `auto` is
+/// AF_XDP when a socket opens on the sender's veth, else AF_PACKET; an AF_XDP
 /// sender asked for that does not open is an error.
 fn resolve_sender(choice: SenderChoice, t: &Topology) -> io::Result<(SenderKind, Option<String>)> {
     match choice {

@@ -415,8 +415,7 @@ struct ForwardArgs {
     #[arg(long, value_enum, default_value_t = SenderArg::Auto)]
     sender: SenderArg,
     /// Sender threads, one per transmit queue of the sender's veth (1 or 2), in every case
-    /// (default: per case, one per receive queue the forwarder serves: 2 for the kernel, one
-    /// per worker for a mux).
+    /// (default: per case, 2 for the kernel, one per worker for a mux).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=2))]
     sender_threads: Option<u8>,
     /// Cap the sender at this many frames per second (all threads together).
