@@ -604,10 +604,13 @@ impl XskRx {
         Ok(n)
     }
 
-    /// Kernel statistics: frames dropped because the RX ring was full or the fill ring empty.
+    /// Frames lost before this side read them: the kernel's `rx_dropped` (no free frame in the
+    /// fill ring, or too long for a frame) and `rx_ring_full` (the RX ring was full), plus
+    /// descriptors this side refused. `rx_fill_ring_empty_descs` is not added: the kernel
+    /// counts a frame dropped for an empty fill ring in it and in `rx_dropped` both.
     pub fn dropped(&self) -> io::Result<u64> {
         let s: Stats = getsockopt(&self.shared.fd, libc::XDP_STATISTICS)?;
-        Ok(s.0.rx_dropped + s.0.rx_ring_full + s.0.rx_fill_ring_empty_descs + self.invalid)
+        Ok(s.0.rx_dropped + s.0.rx_ring_full + self.invalid)
     }
 }
 
