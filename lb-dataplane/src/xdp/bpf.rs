@@ -395,20 +395,20 @@ pub fn steering_program(vips: RawFd, xsks: RawFd) -> Vec<Insn> {
     ];
     p.extend(ld_map_fd(1, vips)); // 22, 23: LOOKUP
     p.extend([
-        insn(MOV64_X, 2, 10, 0, 0),                                // 24
-        insn(ADD64_K, 2, 0, 0, -16),                               // 25: r2 = &key
-        insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM),               // 26
-        insn(JEQ_K, 0, 0, 15, 0),                                  // 27: not steered -> PASS
-        insn(LDX_W, 5, 0, 0, 0),                                   // 28: r5 = the address's kind
-        insn(JEQ_K, 5, 0, 7, KIND_ANY as i32),                     // 29: any protocol -> REDIRECT
-        insn(LDX_B, 4, 7, 14 + 9, 0),                              // 30: IPv4 protocol
-        insn(JEQ_K, 9, 0, 1, ETH_P_IP_LOADED),                     // 31: IPv4 -> CHECK
-        insn(LDX_B, 4, 7, 14 + 6, 0),                              // 32: IPv6 next header
-        insn(JEQ_K, 4, 0, 3, i32::from(libc::IPPROTO_IPIP as u8)), // 33: CHECK
-        insn(JEQ_K, 4, 0, 2, i32::from(libc::IPPROTO_IPV6 as u8)), // 34
-        insn(JEQ_K, 4, 0, 1, i32::from(libc::IPPROTO_GRE as u8)),  // 35
-        insn(JA, 0, 0, 6, 0),                                      // 36: -> PASS
-        insn(LDX_W, 2, 6, MD_RX_QUEUE_INDEX, 0),                   // 37: REDIRECT
+        insn(MOV64_X, 2, 10, 0, 0),                                  // 24
+        insn(ADD64_K, 2, 0, 0, -16),                                 // 25: r2 = &key
+        insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM),                 // 26
+        insn(JEQ_K, 0, 0, 15, 0),                                    // 27: not steered -> PASS
+        insn(LDX_W, 5, 0, 0, 0),                                     // 28: r5 = the address's kind
+        insn(JEQ_K, 5, 0, 7, KIND_ANY as i32),                       // 29: any protocol -> REDIRECT
+        insn(LDX_B, 4, 7, 14 + 9, 0),                                // 30: IPv4 protocol
+        insn(JEQ_K, 9, 0, 1, ETH_P_IP_LOADED),                       // 31: IPv4 -> CHECK
+        insn(LDX_B, 4, 7, 14 + 6, 0),                                // 32: IPv6 next header
+        insn(JEQ_K, 4, 0, 3, i32::from(lb_core::encap::PROTO_IPIP)), // 33: CHECK
+        insn(JEQ_K, 4, 0, 2, i32::from(lb_core::encap::PROTO_IPV6)), // 34
+        insn(JEQ_K, 4, 0, 1, i32::from(lb_core::encap::PROTO_GRE)),  // 35
+        insn(JA, 0, 0, 6, 0),                                        // 36: -> PASS
+        insn(LDX_W, 2, 6, MD_RX_QUEUE_INDEX, 0),                     // 37: REDIRECT
     ]);
     p.extend(ld_map_fd(1, xsks)); // 38, 39
     p.extend([
