@@ -89,6 +89,9 @@ pub struct AfXdpTransmitter {
     slow: RawIpTransmitter,
     slow_path: u64,
     no_frame: u64,
+    /// Frames sent by a flush in the middle of a batch (its rings were full), reported with the
+    /// batch's own flush.
+    sent_early: u64,
 }
 
 fn ethertype(packet: &[u8]) -> [u8; 2] {
@@ -166,7 +169,7 @@ impl Transmitter for AfXdpTransmitter {
                 return Ok(());
             }
             // Ring or frames full: send what is queued, then try once more.
-            self.flush_sockets()?;
+            self.sent_early += self.flush_sockets()?;
             let Some(tx) = self.socket_for(hop.ifindex) else {
                 return Ok(());
             };
@@ -182,7 +185,7 @@ impl Transmitter for AfXdpTransmitter {
     fn flush(&mut self) -> io::Result<crate::device::FlushReport> {
         let sent = self.flush_sockets()?;
         let mut report = self.slow.flush()?;
-        report.sent += sent;
+        report.sent += sent + std::mem::take(&mut self.sent_early);
         report.failed += std::mem::take(&mut self.no_frame);
         if !self.wanted.is_empty()
             || self
@@ -442,6 +445,7 @@ pub fn open(
                     slow,
                     slow_path: 0,
                     no_frame: 0,
+                    sent_early: 0,
                 },
             ))
         })
