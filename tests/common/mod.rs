@@ -510,10 +510,14 @@ impl UdpSink {
 /// tcpdump in `ns` on `interface` with a capture `filter`; returns once it listens.
 pub fn capture(lab: &mut Lab, ns: &Namespace, interface: &str, filter: &str) -> u32 {
     // Immediate mode: packets are handed over one by one, not in ring blocks that a stop
-    // may leave unread.
+    // may leave unread. A 32 MiB buffer (`-B`, in KiB; tcpdump's default is 2 MiB): an AF_XDP
+    // mux delivers bursts fast enough that a tcpdump starved of CPU on the shared 2-core
+    // machine overflowed the default and reported drops.
     let mut args = vec![
         "-n",
         "-p",
+        "-B",
+        "32768",
         "--immediate-mode",
         "-i",
         interface,
