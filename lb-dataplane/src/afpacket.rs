@@ -166,8 +166,14 @@ fn invalid(interface: &str, what: &str) -> io::Error {
     )
 }
 
-/// `setsockopt(fd, level, name, value)` for a plain-old-data `value`.
-fn set_option<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+/// `setsockopt(fd, level, name, value)` for a plain-old-data `value` (the one wrapper the
+/// crate's sockets use: AF_PACKET, AF_XDP, rtnetlink).
+pub(crate) fn set_option<T>(
+    fd: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
     let Ok(len) = libc::socklen_t::try_from(size_of::<T>()) else {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     };

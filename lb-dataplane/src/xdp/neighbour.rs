@@ -252,26 +252,11 @@ fn family(address: IpAddr) -> AddressFamily {
 }
 
 fn set_receive_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_usec: libc::suseconds_t::from(timeout.subsec_micros() as i32),
     };
-    // SAFETY: a valid timeval of the size passed, on our own socket.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            std::ptr::from_ref(&tv).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    crate::afpacket::set_option(socket, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)
 }
 
 #[cfg(test)]
