@@ -800,10 +800,6 @@ pub fn run(
         .collect())
 }
 
-fn figure(value: Option<f64>, precision: usize) -> String {
-    value.map_or_else(|| "–".to_owned(), |v| format!("{v:.precision$}"))
-}
-
 /// The results as a Markdown table, with each case's ratio to the kernel; cases that could not
 /// run are listed under it with the reason.
 #[must_use]
@@ -823,11 +819,11 @@ pub fn table(cases: &[CaseReport]) -> String {
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
             c.label(),
             c.sender_threads,
-            figure(c.delivered_pps, 0),
+            crate::measure::figure(c.delivered_pps, 0),
             rounds.join(", "),
-            figure(c.offered_pps, 0),
-            figure(c.ratio_to_kernel, 2),
-            figure(c.mux_cpu_ns_per_packet, 0),
+            crate::measure::figure(c.offered_pps, 0),
+            crate::measure::figure(c.ratio_to_kernel, 2),
+            crate::measure::figure(c.mux_cpu_ns_per_packet, 0),
             c.kernel_drops
                 .map_or_else(|| "–".to_owned(), |d| d.to_string()),
         );
@@ -864,11 +860,7 @@ pub fn table(cases: &[CaseReport]) -> String {
 
 /// One JSON object per case, one per line.
 pub fn write_json(cases: &[CaseReport], out: &mut dyn io::Write) -> io::Result<()> {
-    for c in cases {
-        serde_json::to_writer(&mut *out, c).map_err(io::Error::other)?;
-        writeln!(out)?;
-    }
-    Ok(())
+    crate::measure::write_json_lines(cases, out)
 }
 
 #[cfg(test)]

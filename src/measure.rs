@@ -1,5 +1,6 @@
 //! What the benchmarks (`lb bench forward`, `lb bench tcp`) read off the machine: a process's
-//! CPU time from `/proc/PID/task/*/schedstat`, the load average, and medians.
+//! CPU time from `/proc/PID/task/*/schedstat`, the load average, and medians; and how both
+//! print their results ([`figure`], [`write_json_lines`]).
 //!
 //! **CPU time.** The first field of a thread's `schedstat` is the nanoseconds it has been on a
 //! CPU. [`ProcessCpu`] is one reading of every thread of a process; [`ProcessCpu::since`] is the
@@ -118,6 +119,24 @@ pub fn median(values: &[f64]) -> Option<f64> {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied()
+}
+
+/// `value` with `precision` decimals, or `–` when there is none (a case that did not run).
+#[must_use]
+pub fn figure(value: Option<f64>, precision: usize) -> String {
+    value.map_or_else(|| "–".to_owned(), |v| format!("{v:.precision$}"))
+}
+
+/// Every item of `items` as one JSON object per line (a benchmark's `--json`).
+pub fn write_json_lines<T: serde::Serialize>(
+    items: &[T],
+    out: &mut dyn io::Write,
+) -> io::Result<()> {
+    for item in items {
+        serde_json::to_writer(&mut *out, item).map_err(io::Error::other)?;
+        writeln!(out)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

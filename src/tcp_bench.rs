@@ -641,10 +641,6 @@ pub fn run(
         .collect())
 }
 
-fn figure(value: Option<f64>, precision: usize) -> String {
-    value.map_or_else(|| "–".to_owned(), |v| format!("{v:.precision$}"))
-}
-
 /// The results as a Markdown table; cases that could not run are listed under it.
 #[must_use]
 pub fn table(cases: &[TcpReport]) -> String {
@@ -662,11 +658,11 @@ pub fn table(cases: &[TcpReport]) -> String {
             s,
             "| {} | {} | {} | {} | {} | {} |",
             c.case,
-            figure(c.gbit_per_s, 2),
+            crate::measure::figure(c.gbit_per_s, 2),
             rounds.join(", "),
-            figure(c.ratio_to_kernel, 2),
-            figure(c.mux_cpu_s_per_gb, 2),
-            figure(c.agent_cpu_s_per_gb, 2),
+            crate::measure::figure(c.ratio_to_kernel, 2),
+            crate::measure::figure(c.mux_cpu_s_per_gb, 2),
+            crate::measure::figure(c.agent_cpu_s_per_gb, 2),
         );
     }
     if let Some(c) = cases.first() {
@@ -696,11 +692,7 @@ pub fn table(cases: &[TcpReport]) -> String {
 
 /// One JSON object per case, one per line.
 pub fn write_json(cases: &[TcpReport], out: &mut dyn io::Write) -> io::Result<()> {
-    for c in cases {
-        serde_json::to_writer(&mut *out, c).map_err(io::Error::other)?;
-        writeln!(out)?;
-    }
-    Ok(())
+    crate::measure::write_json_lines(cases, out)
 }
 
 #[cfg(test)]
