@@ -107,24 +107,7 @@ fn bulk_tcp_through_mux_and_agent_is_intact_and_coalesced() {
             .map_err(|e| format!("bind: {e}"))?;
         listening.0.send(()).map_err(|e| e.to_string())?;
         let (mut conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-        conn.set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(|e| e.to_string())?;
-        let mut expected = Stream::new();
-        let (mut got, mut want) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
-        let mut total = 0u64;
-        loop {
-            let n = conn
-                .read(&mut got)
-                .map_err(|e| format!("read at {total}: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            expected.fill(&mut want[..n]);
-            if got[..n] != want[..n] {
-                return Err(format!("bytes {total}..{} differ", total + n as u64));
-            }
-            total += n as u64;
-        }
+        let total = read_checked(&mut conn)?;
         conn.write_all(&total.to_be_bytes())
             .map_err(|e| e.to_string())?;
         Ok(total)
@@ -250,24 +233,7 @@ fn bulk_egress_through_the_tun_is_cut_from_gso_packets_and_arrives_intact() {
             .map_err(|e| format!("bind: {e}"))?;
         listening.0.send(()).map_err(|e| e.to_string())?;
         let (mut conn, peer) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-        conn.set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(|e| e.to_string())?;
-        let mut expected = Stream::new();
-        let (mut got, mut want) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
-        let mut total = 0u64;
-        loop {
-            let n = conn
-                .read(&mut got)
-                .map_err(|e| format!("read at {total}: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            expected.fill(&mut want[..n]);
-            if got[..n] != want[..n] {
-                return Err(format!("bytes {total}..{} differ", total + n as u64));
-            }
-            total += n as u64;
-        }
+        let total = read_checked(&mut conn)?;
         Ok((peer, total))
     });
     listening
@@ -312,4 +278,27 @@ fn bulk_egress_through_the_tun_is_cut_from_gso_packets_and_arrives_intact() {
         "wire segments sent: {c}"
     );
     assert_eq!(c["snat_outbound_failed"], 0, "{c}");
+}
+
+/// Reads `conn` to its end (a 30 s read time-out bounds each read), checking every byte against
+/// [`Stream`]; the bytes read, or where they first differ.
+fn read_checked(conn: &mut TcpStream) -> Result<u64, String> {
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let mut expected = Stream::new();
+    let (mut got, mut want) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    let mut total = 0u64;
+    loop {
+        let n = conn
+            .read(&mut got)
+            .map_err(|e| format!("read at {total}: {e}"))?;
+        if n == 0 {
+            return Ok(total);
+        }
+        expected.fill(&mut want[..n]);
+        if got[..n] != want[..n] {
+            return Err(format!("bytes {total}..{} differ", total + n as u64));
+        }
+        total += n as u64;
+    }
 }
